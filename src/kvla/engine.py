@@ -1,0 +1,280 @@
+"""The partial prefill: recompute only the planned tokens, at their original positions.
+
+kvla runs its own loop over the model's own decoder-layer modules (no fork, no patching). Each
+layer receives only the rows it must recompute, with their original position ids (RoPE) and an
+explicit additive mask that is causal by original position; the layer's attention writes the fresh
+K/V into a position-ordered buffer (`PositionalKVLayer`) and attends over the whole buffer, whose
+other slots hold the K/V cached at earlier steps.
+
+Rows are sorted by recompute depth (deepest first), so the rows a layer recomputes are always a
+prefix of the rows the layer below recomputed: dropping reused tokens is a slice, not a gather.
+Samples of a batch recompute different sets; each layer is padded to the largest set and the
+padding rows write into a discard slot that every query masks out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvla import compat
+from kvla.cache import PositionalKVLayer
+from kvla.layout import LayoutError, TokenLayout
+from kvla.plan import PlanError, ReusePlan
+from kvla.state import EpisodeState
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [B, outputs, vocab] at layout.output_positions
+    relevance: torch.Tensor | None  # [B, V] mean text->visual attention over the requested layers
+    layer_entropy: torch.Tensor | None  # [B, L]
+    computed_tokens: list[int]  # per layer, rows actually computed (padding included)
+    pruned: torch.Tensor | None  # [B, V] bool, FastV drops
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    return states if groups == 1 else states.repeat_interleave(groups, dim=1)
+
+
+class PartialPrefillEngine:
+    """Drives a Hugging Face Llama / Qwen2 / Gemma causal LM with per-layer reuse plans."""
+
+    def __init__(self, causal_lm: torch.nn.Module):
+        self.causal_lm = causal_lm
+        self.parts = compat.decoder_parts(causal_lm)
+        self.num_layers = len(self.parts.layers)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.lm_head.weight.device
+
+    def num_slots(self, layout: TokenLayout) -> int:
+        # prompt slots, one discard slot, then the autoregressively decoded action tokens
+        return layout.seq_len + 1 + (0 if layout.parallel else layout.num_action_tokens)
+
+    def _new_cache(self, batch_size: int, layout: TokenLayout):
+        p = self.parts
+        layers = [
+            PositionalKVLayer(batch_size, p.num_kv_heads, self.num_slots(layout), p.head_dim, self.dtype, self.device)
+            for _ in range(self.num_layers)
+        ]
+        return compat.make_cache(layers)
+
+    def _check_state(self, state: EpisodeState, plan: ReusePlan, layout: TokenLayout, batch_size: int,
+                     embeds: torch.Tensor) -> None:
+        if embeds.dtype != self.dtype or embeds.device != self.device:
+            raise TypeError(
+                f"input embeddings are {embeds.dtype} on {embeds.device} but the model is "
+                f"{self.dtype} on {self.device}"
+            )
+        reuses = bool((plan.visual_depth < self.num_layers).any()) and plan.prune_after_layer is None
+        if not state.has_cache:
+            if reuses:
+                raise PlanError(
+                    "the plan reuses cached tokens but the episode has no cache: after reset() the "
+                    "first step must be a full frame (no reuse)"
+                )
+            return
+        if state.batch_size != batch_size or state.layout != layout:
+            raise PlanError(
+                f"episode cache was built for batch {state.batch_size} and a different layout; "
+                f"got batch {batch_size}: call reset() when the batch or prompt layout changes"
+            )
+        if state.dtype != self.dtype or state.device != self.device:
+            raise TypeError(
+                f"episode cache holds {state.dtype} on {state.device} but the model is {self.dtype} "
+                f"on {self.device}: call reset() after moving or casting the model"
+            )
+        if reuses:
+            reused = plan.visual_depth.to(state.kv_complete.device) < self.num_layers
+            if (reused & ~state.kv_complete).any():
+                raise PlanError("the plan reuses visual tokens whose cached K/V is incomplete (pruned earlier)")
+
+    def _causal_mask(self, row_positions: torch.Tensor, num_slots: int, prompt_len: int) -> torch.Tensor:
+        """Additive mask [B, 1, rows, slots]: a row sees prompt slots at or before its position."""
+        slots = torch.arange(num_slots, device=row_positions.device)
+        allowed = (slots[None, None, :] <= row_positions[:, :, None]) & (slots < prompt_len)[None, None, :]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=row_positions.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        return mask[:, None]
+
+    def _attention_probs(self, layer, rows_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Softmax attention [B, H, rows, slots] of the given rows, recomputed from the layer input.
+
+        The same projections and rotary function the layer itself applies; only these rows.
+        """
+        attn = layer.self_attn
+        batch, rows, _ = rows_in.shape
+        normed = layer.input_layernorm(rows_in)
+        query = attn.q_proj(normed).view(batch, rows, -1, attn.head_dim).transpose(1, 2)
+        query, _ = self.parts.apply_rotary(query, query, cos, sin)
+        keys = _repeat_kv(keys, self.parts.num_heads // self.parts.num_kv_heads)
+        scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * attn.scaling + mask.float()
+        return torch.softmax(scores, dim=-1)
+
+    # ------------------------------------------------------------------ prefill
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor, layout: TokenLayout, plan: ReusePlan, state: EpisodeState) -> PrefillResult:
+        """Run the prompt through the decoder, recomputing what `plan` says; update `state`."""
+        if embeds.dim() != 3:
+            raise LayoutError(f"embeddings must be [batch, seq, hidden], got shape {tuple(embeds.shape)}")
+        batch, seq_len, _ = embeds.shape
+        layout.check_sequence(seq_len)
+        num_layers = self.num_layers
+        plan.validate(layout, num_layers, batch)
+        self._check_state(state, plan, layout, batch, embeds)
+        if not state.has_cache:
+            state.cache = self._new_cache(batch, layout)
+            state.layout, state.batch_size = layout, batch
+            state.dtype, state.device = self.dtype, self.device
+            state.kv_complete = torch.zeros(batch, layout.num_visual, dtype=torch.bool, device=self.device)
+            state.source_step = torch.zeros(batch, layout.num_visual, dtype=torch.long, device=self.device)
+        cache = state.cache
+        device = self.device
+        discard_slot = seq_len
+        num_slots = self.num_slots(layout)
+        visual_positions = layout.visual_positions.to(device)
+
+        depth = torch.full((batch, seq_len), num_layers, dtype=torch.long, device=device)
+        depth[:, visual_positions] = plan.visual_depth.to(device)
+        order = torch.argsort(-depth, dim=1, stable=True)  # deepest first, then by position
+        sorted_depth = depth.gather(1, order)
+        computed_per_layer = (sorted_depth[:, :, None] > torch.arange(num_layers, device=device)).sum(1)  # [B, L]
+        rows_per_layer = computed_per_layer.max(0).values.tolist()
+
+        rows = order[:, : rows_per_layer[0]]
+        hidden = embeds.gather(1, rows[:, :, None].expand(-1, -1, embeds.shape[-1]))
+        cos, sin = self.parts.rotary_embedding(hidden, position_ids=rows)
+        mask = self._causal_mask(rows, num_slots, seq_len)
+        row_depth = sorted_depth[:, : rows_per_layer[0]]
+
+        want_entropy = plan.collect_entropy
+        relevance_layers = set(plan.relevance_layers)
+        text_positions = torch.arange(*layout.text_span, device=device)
+        relevance_sum, entropy = None, None
+        if want_entropy:
+            entropy = torch.zeros(batch, num_layers, device=device)
+        pruned = None
+        key_block = None  # additive [B, 1, 1, slots] applied from the layer after pruning on
+
+        for index, layer in enumerate(self.parts.layers):
+            count = rows_per_layer[index]
+            if count < hidden.shape[1]:
+                hidden, rows, cos, sin, mask, row_depth = (
+                    hidden[:, :count], rows[:, :count], cos[:, :count], sin[:, :count],
+                    mask[:, :, :count], row_depth[:, :count],
+                )
+            layer_mask = mask if key_block is None else mask + key_block
+            cache.layers[index].write_slots = torch.where(row_depth > index, rows, discard_slot)
+            layer_input = hidden
+            hidden = compat.call_decoder_layer(layer, hidden, layer_mask, rows, cache, (cos, sin))
+
+            needs_probs = want_entropy or index in relevance_layers or index == plan.prune_after_layer
+            if not needs_probs:
+                continue
+            probs = self._attention_probs(layer, layer_input, cos, sin, cache.layers[index].keys, layer_mask)
+            if want_entropy:
+                valid = (row_depth > index).float()  # padding rows do not count
+                row_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1)  # [B, rows]
+                entropy[:, index] = (row_entropy * valid).sum(1) / valid.sum(1)
+            if index in relevance_layers:
+                row_of_text = self._rows_of(rows, text_positions)
+                text_probs = probs.gather(2, row_of_text[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[-1]))
+                score = text_probs[..., visual_positions].mean(dim=(1, 2))
+                relevance_sum = score if relevance_sum is None else relevance_sum + score
+            if index == plan.prune_after_layer and plan.prune_ratio > 0:
+                # FastV: attention each visual token receives, averaged over heads and query rows
+                valid = (row_depth > index).float()[:, None, :, None]
+                received = ((probs * valid).sum(2) / valid.sum(2)).mean(1)[:, visual_positions]  # [B, V]
+                num_drop = int(plan.prune_ratio * layout.num_visual)
+                dropped = torch.zeros_like(received, dtype=torch.bool)
+                dropped.scatter_(1, received.topk(num_drop, dim=1, largest=False).indices, True)
+                pruned = dropped
+                new_depth = depth.clone()
+                new_depth[:, visual_positions] = torch.where(dropped, index + 1, depth[:, visual_positions])
+                hidden, rows, cos, sin, mask, row_depth, rows_per_layer = self._resort_after_prune(
+                    new_depth, hidden, rows, cos, sin, mask, num_layers, rows_per_layer, index)
+                key_block = torch.zeros(batch, 1, 1, num_slots, dtype=self.dtype, device=device)
+                key_block[:, 0, 0, visual_positions] = torch.where(
+                    dropped, torch.finfo(self.dtype).min, 0.0).to(self.dtype)
+
+        out_rows = self._rows_of(rows, layout.output_positions.to(device))
+        last_hidden = hidden.gather(1, out_rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.parts.lm_head(self.parts.final_norm(last_hidden)).float()
+
+        # bookkeeping for the next step
+        recomputed = plan.visual_depth.to(device) >= num_layers
+        if pruned is not None:
+            recomputed = recomputed & ~pruned
+        state.source_step = torch.where(recomputed, state.step, state.source_step)
+        state.kv_complete = recomputed | (state.kv_complete & (plan.visual_depth.to(device) < num_layers))
+        if pruned is not None:
+            state.kv_complete &= ~pruned
+        state.pruned_keys = key_block
+        state.prune_after_layer = plan.prune_after_layer if pruned is not None else None
+        state.step += 1
+        relevance = relevance_sum / len(relevance_layers) if relevance_sum is not None else None
+        return PrefillResult(logits=logits, relevance=relevance, layer_entropy=entropy,
+                             computed_tokens=rows_per_layer, pruned=pruned)
+
+    @staticmethod
+    def _rows_of(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Row index of each wanted position in `rows` ([B, rows] positions) -> [B, len(positions)]."""
+        match = rows[:, :, None] == positions[None, None, :]
+        if not match.any(1).all():
+            raise PlanError("a position that must be computed (text or output) was planned for reuse")
+        return match.float().argmax(1)
+
+    def _resort_after_prune(self, new_depth, hidden, rows, cos, sin, mask, num_layers, rows_per_layer, index):
+        """Reorder the current rows so that the tokens still computed form a prefix again."""
+        row_depth = new_depth.gather(1, rows)
+        local = torch.argsort(-row_depth, dim=1, stable=True)
+        take = lambda t: t.gather(1, local.view(*local.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+        hidden, rows, cos, sin, row_depth = take(hidden), take(rows), take(cos), take(sin), take(row_depth)
+        mask = mask.gather(2, local[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+        counts = (row_depth[:, :, None] > torch.arange(num_layers, device=rows.device)).sum(1).max(0).values.tolist()
+        rows_per_layer = rows_per_layer[: index + 1] + counts[index + 1:]
+        return hidden, rows, cos, sin, mask, row_depth, rows_per_layer
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def decode_greedy(self, first_logits: torch.Tensor, layout: TokenLayout, state: EpisodeState) -> torch.Tensor:
+        """Autoregressive greedy decoding of layout.num_action_tokens tokens (OpenVLA style).
+
+        first_logits: [B, vocab] at the last prompt position. Returns token ids [B, num_action_tokens].
+        """
+        if layout.parallel:
+            raise LayoutError("layout decodes its actions in parallel; there is nothing to generate")
+        cache = state.cache
+        batch, seq_len = first_logits.shape[0], layout.seq_len
+        num_slots = self.num_slots(layout)
+        device = self.device
+        tokens = [first_logits.argmax(-1)]
+        slots = torch.arange(num_slots, device=device)
+        for step in range(1, layout.num_action_tokens):
+            position = seq_len + step - 1
+            slot = seq_len + step  # after the discard slot
+            hidden = self.parts.embed_tokens(tokens[-1])[:, None, :]
+            position_ids = torch.full((batch, 1), position, dtype=torch.long, device=device)
+            allowed = (slots < seq_len) | ((slots > seq_len) & (slots <= slot))
+            mask = torch.zeros(num_slots, dtype=self.dtype, device=device).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+            mask = mask.expand(batch, 1, 1, num_slots)
+            cos, sin = self.parts.rotary_embedding(hidden, position_ids=position_ids)
+            write = torch.full((batch, 1), slot, dtype=torch.long, device=device)
+            for index, layer in enumerate(self.parts.layers):
+                layer_mask = mask
+                if state.pruned_keys is not None and index > state.prune_after_layer:
+                    layer_mask = mask + state.pruned_keys
+                cache.layers[index].write_slots = write
+                hidden = compat.call_decoder_layer(layer, hidden, layer_mask, position_ids, cache, (cos, sin))
+            logits = self.parts.lm_head(self.parts.final_norm(hidden))[:, -1].float()
+            tokens.append(logits.argmax(-1))
+        return torch.stack(tokens, dim=1)
