@@ -32,6 +32,11 @@ class PrefillResult:
     layer_entropy: torch.Tensor | None  # [B, L]
     computed_tokens: list[int]  # per layer, rows actually computed (padding included)
     pruned: torch.Tensor | None  # [B, V] bool, FastV drops
+    visual_depth: torch.Tensor  # [B, V] layers each visual token was actually computed in
+
+    def reuse_ratio(self, num_layers: int) -> float:
+        """Fraction of visual (token, layer) computations skipped (reused, or pruned by FastV)."""
+        return 1.0 - self.visual_depth.float().sum().item() / (self.visual_depth.numel() * num_layers)
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -122,8 +127,13 @@ class PartialPrefillEngine:
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor, layout: TokenLayout, plan: ReusePlan, state: EpisodeState) -> PrefillResult:
-        """Run the prompt through the decoder, recomputing what `plan` says; update `state`."""
+    def prefill(self, embeds: torch.Tensor, layout: TokenLayout, plan: ReusePlan, state: EpisodeState,
+                visual_patches: torch.Tensor | None = None) -> PrefillResult:
+        """Run the prompt through the decoder, recomputing what `plan` says; update `state`.
+
+        visual_patches ([B, V, patch_dim]), when given, is recorded as the source frame of every
+        visual token recomputed in all layers, for static detection at later steps.
+        """
         if embeds.dim() != 3:
             raise LayoutError(f"embeddings must be [batch, seq, hidden], got shape {tuple(embeds.shape)}")
         batch, seq_len, _ = embeds.shape
@@ -218,12 +228,25 @@ class PartialPrefillEngine:
         state.kv_complete = recomputed | (state.kv_complete & (plan.visual_depth.to(device) < num_layers))
         if pruned is not None:
             state.kv_complete &= ~pruned
+        if visual_patches is not None:
+            if state.source_patches is None:
+                state.source_patches = visual_patches.float().clone()
+            else:
+                state.source_patches = torch.where(recomputed[..., None].to(visual_patches.device),
+                                                   visual_patches.float(), state.source_patches)
         state.pruned_keys = key_block
         state.prune_after_layer = plan.prune_after_layer if pruned is not None else None
         state.step += 1
         relevance = relevance_sum / len(relevance_layers) if relevance_sum is not None else None
+        if relevance is not None:
+            state.relevance = relevance
+        if entropy is not None:
+            state.layer_entropy = entropy
+        visual_depth = plan.visual_depth.to(device)
+        if pruned is not None:
+            visual_depth = torch.where(pruned, plan.prune_after_layer + 1, visual_depth)
         return PrefillResult(logits=logits, relevance=relevance, layer_entropy=entropy,
-                             computed_tokens=rows_per_layer, pruned=pruned)
+                             computed_tokens=rows_per_layer, pruned=pruned, visual_depth=visual_depth)
 
     @staticmethod
     def _rows_of(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""Analytic FLOP and KV-memory counts from the model config and the executed plan.
+
+Convention: a multiply-accumulate (MAC) is one multiply plus one add; FLOPs = 2 x MACs, as
+torch.utils.flop_counter counts them. Only matrix products are counted (projections, attention
+scores and weighted sums, MLP, head, patch embedding); norms, RoPE, softmax and residual adds
+are left out (under 1 % for these shapes). Attention is counted against every key slot a row is
+given (the explicit mask does not make a dense kernel skip work), i.e. the full cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvla.layout import TokenLayout
+from kvla.model import VLAConfig
+
+
+def decoder_layer_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
+    """MACs of one decoder layer computing `rows` tokens that attend over `key_slots` keys."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    q_width, kv_width = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
+    projections = rows * cfg.hidden_size * (2 * q_width + 2 * kv_width)  # q, o and k, v
+    attention = 2 * rows * cfg.num_heads * head_dim * key_slots  # QK^T and AV
+    mlp = 3 * rows * cfg.hidden_size * cfg.intermediate_size
+    return projections + attention + mlp
+
+
+def vision_macs(cfg: VLAConfig) -> int:
+    """Patch ViT and projector MACs for all cameras of one sample."""
+    tokens, dim = cfg.patches_per_image, cfg.vision_dim
+    patch_embed = tokens * 3 * cfg.patch_size**2 * dim
+    block = 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * cfg.vision_mlp
+    projector = tokens * (dim * cfg.hidden_size + cfg.hidden_size**2)
+    return cfg.num_cameras * (patch_embed + cfg.vision_layers * block + projector)
+
+
+def head_macs(cfg: VLAConfig, rows: int) -> int:
+    return rows * cfg.hidden_size * cfg.vocab_size
+
+
+def prefill_macs(cfg: VLAConfig, tokens_per_layer: list[int], key_slots: int) -> list[int]:
+    """Per decoder layer MACs of a (partial) prefill."""
+    return [decoder_layer_macs(cfg, rows, key_slots) for rows in tokens_per_layer]
+
+
+def cache_slots(layout: TokenLayout) -> int:
+    """Key slots of kvla's KV buffer: the prompt, one discard slot, the decoded action tokens."""
+    return layout.seq_len + 1 + (0 if layout.parallel else layout.num_action_tokens)
+
+
+def kv_bytes(cfg: VLAConfig, slots: int, batch: int, bytes_per_element: int) -> int:
+    head_dim = cfg.hidden_size // cfg.num_heads
+    return 2 * cfg.num_layers * batch * cfg.num_kv_heads * head_dim * slots * bytes_per_element
+
+
+@dataclass
+class StepFlops:
+    """FLOPs of one control step for the whole batch, by part."""
+
+    vision: int
+    prefill_per_layer: list[int]
+    prefill_tokens_per_layer: list[int]
+    action_decoding: int
+    head: int
+
+    @property
+    def prefill(self) -> int:
+        return sum(self.prefill_per_layer)
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.prefill + self.action_decoding + self.head
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "prefill": self.prefill, "total": self.total}
+
+
+def step_flops(cfg: VLAConfig, layout: TokenLayout, computed_tokens: list[int], batch: int) -> StepFlops:
+    """FLOPs of a step whose prefill computed `computed_tokens[l]` rows (per sample) in layer l."""
+    slots = cache_slots(layout)
+    prefill = [2 * batch * m for m in prefill_macs(cfg, computed_tokens, slots)]
+    outputs = len(layout.output_positions)
+    decode_tokens = 0 if layout.parallel else layout.num_action_tokens - 1
+    decoding = 2 * batch * decode_tokens * cfg.num_layers * decoder_layer_macs(cfg, 1, slots)
+    head = 2 * batch * head_macs(cfg, outputs + decode_tokens)
+    return StepFlops(vision=2 * batch * vision_macs(cfg), prefill_per_layer=prefill,
+                     prefill_tokens_per_layer=list(computed_tokens), action_decoding=decoding, head=head)
+
+
+def plain_prefill_macs(cfg: VLAConfig, prompt_tokens: int) -> int:
+    """Decoder-layer MACs of a plain prefill of `prompt_tokens` tokens (no head), the papers' count."""
+    return cfg.num_layers * decoder_layer_macs(cfg, prompt_tokens, prompt_tokens)

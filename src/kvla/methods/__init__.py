@@ -1,0 +1,12 @@
+"""Reuse methods, one per file. `parse_method('vla_cache:top_k=180')` builds one from text."""
+
+from kvla.methods.base import METHODS, PlanContext, ReuseMethod, method_label, parse_method
+from kvla.methods.fastv import FastV
+from kvla.methods.full import Full
+from kvla.methods.static import StaticReuse
+from kvla.methods.vla_cache import VLACache, code_reuse_ratios, paper_reuse_ratios
+
+__all__ = [
+    "METHODS", "FastV", "Full", "PlanContext", "ReuseMethod", "StaticReuse", "VLACache",
+    "code_reuse_ratios", "method_label", "paper_reuse_ratios", "parse_method",
+]

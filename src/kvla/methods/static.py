@@ -1,0 +1,30 @@
+"""`static`: naive reuse of every static patch in every layer.
+
+The ablation VLA-Cache (arXiv 2502.02175) starts from: a patch is static when the cosine
+similarity of its pixels with the frame its cached K/V came from is >= tau (Sec. 3.2, Eq. 2);
+no top-k, no task-relevance filter, no layer schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvla.methods.base import PlanContext, ReuseMethod, register
+from kvla.plan import ReusePlan
+
+
+@register
+@dataclass
+class StaticReuse(ReuseMethod):
+    name = "static"
+    tau: float = 0.996  # static-patch cosine threshold
+    max_age: int = 0  # recompute a token whose K/V is this many steps old (0: never forced)
+
+    def plan(self, ctx: PlanContext) -> ReusePlan:
+        if not ctx.state.has_cache:
+            return ctx.full_plan()
+        static = (ctx.patch_similarity() >= self.tau) & ctx.reusable_candidates(self.max_age)
+        depth = torch.where(static, 0, ctx.num_layers).long()
+        return ReusePlan(visual_depth=depth, notes={"static": static.sum(1).float().mean().item()})

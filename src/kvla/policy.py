@@ -1,0 +1,87 @@
+"""One control step: observation -> plan -> partial prefill -> action decoding -> action."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvla.engine import PartialPrefillEngine
+from kvla.methods import PlanContext, ReuseMethod, parse_method
+from kvla.model import VLAModel
+from kvla.state import EpisodeState
+
+
+@dataclass
+class StepOutput:
+    action_tokens: torch.Tensor  # [B, action_dim]
+    actions: torch.Tensor  # [B, action_dim] in [-1, 1]
+    logits: torch.Tensor  # [B, outputs, vocab] of the prefill
+    vision_ms: float
+    select_ms: float
+    prefill_ms: float
+    decode_ms: float
+    reuse_ratio: float  # fraction of visual (token, layer) computations skipped
+    computed_tokens: list[int]  # rows computed per decoder layer
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def step_ms(self) -> float:
+        return self.vision_ms + self.select_ms + self.prefill_ms + self.decode_ms
+
+
+class CachedVLAPolicy:
+    """A VLA model with a reuse method and the per-episode state; LeRobot-style interface.
+
+    policy = CachedVLAPolicy(model, "vla_cache")
+    policy.reset()                      # at the start of every episode
+    out = policy.step(frames, text_ids)  # frames uint8 [B, H, W, 3]
+    """
+
+    def __init__(self, model: VLAModel, method: ReuseMethod | str = "full"):
+        self.model = model
+        self.method = parse_method(method) if isinstance(method, str) else method
+        self.engine = PartialPrefillEngine(model.language_model)
+        self.state = EpisodeState()
+
+    def reset(self) -> None:
+        self.state.reset()
+
+    def _sync(self) -> float:
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)
+        return time.perf_counter()
+
+    @torch.no_grad()
+    def step(self, images: torch.Tensor, text_ids: torch.Tensor) -> StepOutput:
+        model, engine, layout = self.model, self.engine, self.model.layout
+        start = self._sync()
+        policy_images = model.policy_images(images)
+        embeds = model.prompt_embeddings(model.encode_images(policy_images), text_ids)
+        after_vision = self._sync()
+        patches = model.image_patches(policy_images).to(engine.device)
+        ctx = PlanContext(patches=patches, state=self.state, layout=layout, num_layers=engine.num_layers)
+        plan = self.method.plan(ctx)
+        after_select = self._sync()
+        result = engine.prefill(embeds, layout, plan, self.state, visual_patches=patches)
+        after_prefill = self._sync()
+        if layout.parallel:
+            tokens = result.logits.argmax(-1)
+        else:
+            tokens = engine.decode_greedy(result.logits[:, -1], layout, self.state)
+        end = self._sync()
+        return StepOutput(
+            action_tokens=tokens, actions=model.tokens_to_actions(tokens), logits=result.logits,
+            vision_ms=(after_vision - start) * 1e3, select_ms=(after_select - after_vision) * 1e3,
+            prefill_ms=(after_prefill - after_select) * 1e3, decode_ms=(end - after_prefill) * 1e3,
+            reuse_ratio=result.reuse_ratio(engine.num_layers), computed_tokens=result.computed_tokens,
+            notes=plan.notes,
+        )
+
+    def select_action(self, observation: dict) -> torch.Tensor:
+        """LeRobot-style: observation {"images": uint8 frames, "text_ids": [B, T]} -> actions [B, action_dim]."""
+        for key in ("images", "text_ids"):
+            if key not in observation:
+                raise KeyError(f"observation has no {key!r}; it needs 'images' and 'text_ids'")
+        return self.step(observation["images"], observation["text_ids"]).actions
