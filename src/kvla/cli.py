@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from kvla.methods import METHODS
+from kvla.methods import METHODS, parse_method
 
 app = typer.Typer(help="kvla: exact KV reuse for VLA policies.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks: latency and FLOPs.", no_args_is_help=True)
@@ -43,17 +43,24 @@ def bench_latency(
     """Median step and prefill latency of each method over the same frames, interleaved."""
     from kvla.bench import records_as_json, run_latency
     from kvla.frames import load_frames
-    from kvla.model import VLAModel
+    from kvla.model import PRESETS, VLAModel
 
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}", param_hint="--dtype")
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    specs = [s for s in methods.split(",") if s.strip()]
+    try:
+        for spec in specs:
+            parse_method(spec)
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
     if threads:
         torch.set_num_threads(threads)
     episode = load_frames(frames)
     model = VLAModel.from_preset(preset, seed=seed).to(device=device, dtype=_DTYPES[dtype])
-    specs = [s for s in methods.split(",") if s.strip()]
     records = run_latency(model, specs, episode, steps=steps or None, text_seed=seed, progress=progress)
     machine = torch.cuda.get_device_name() if device == "cuda" else _machine()
     table = Table(title=f"kvla bench latency - preset {preset}, {dtype}, {machine}, {records[0].steps} steps of {episode.source}")

@@ -1,0 +1,41 @@
+# Set-up on a fresh machine: `make demo` (runs the main job) and `make test` (runs the test suite).
+PYTHON ?= python3
+VENV ?= .venv
+# The oldest transformers kvla is tested on: the version the GPU machines carry.
+COMPAT_TRANSFORMERS ?= 5.17.0
+COMPAT_VENV ?= .venv-tf517
+# torch first, pinned: the local CPU wheel; an unpinned torch pulls several GB of CUDA packages.
+TORCH ?= torch==2.13.0
+
+.PHONY: install test test-compat demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+$(COMPAT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install -q $(TORCH)
+	$(COMPAT_VENV)/bin/pip install -q -e ".[test]" "transformers==$(COMPAT_TRANSFORMERS)"
+	touch $@
+
+# The whole suite on the newest transformers, then the engine's tests on the oldest supported one.
+test: $(VENV)/.installed $(COMPAT_VENV)/.installed
+	$(VENV)/bin/python -m pytest
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_errors.py tests/test_flops.py
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_errors.py tests/test_flops.py
+
+# Until the closed-loop testbed lands: the latency comparison on the bundled MetaWorld frames.
+demo: $(VENV)/.installed
+	$(VENV)/bin/kvla bench latency --preset small --steps 24 \
+		--methods full,vla_cache,vla_cache:top_k=256:schedule=none:relevance_rule=top_k:task_top_k=40,static,fastv \
+		--json runs/demo_latency.json
+
+clean:
+	rm -rf $(VENV) $(COMPAT_VENV) runs

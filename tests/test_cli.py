@@ -1,0 +1,33 @@
+import json
+
+from typer.testing import CliRunner
+
+from kvla.cli import app
+
+FIELDS = {"method", "step_ms", "prefill_ms", "speedup_step", "speedup_prefill", "reuse_ratio", "flops",
+          "kv_bytes", "select_ms"}
+
+
+def test_bench_latency_on_the_bundled_frames(tmp_path):
+    out = tmp_path / "latency.json"
+    result = CliRunner().invoke(app, ["bench", "latency", "--preset", "tiny", "--steps", "5", "--no-progress",
+                                      "--methods", "full,static,vla_cache:top_k=12:schedule=none", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    records = {r["method"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"full", "static", "vla_cache:top_k=12:schedule=none"}
+    for record in records.values():
+        assert FIELDS <= set(record)
+        assert record["step_ms"] > 0 and record["steps"] == 4
+    assert records["full"]["speedup_step"] == 1.0 and records["full"]["reuse_ratio"] == 0.0
+    assert records["static"]["reuse_ratio"] > 0.5  # the bundled episode is mostly static
+    assert records["static"]["flops"] < records["full"]["flops"]
+    assert 0 < records["vla_cache:top_k=12:schedule=none"]["reuse_ratio"] <= 12 / 16
+    assert "speed-up" in result.output
+
+
+def test_bench_latency_rejects_unknown_method_and_dtype():
+    runner = CliRunner()
+    bad = runner.invoke(app, ["bench", "latency", "--preset", "tiny", "--methods", "full,magic", "--no-progress"])
+    assert bad.exit_code != 0 and "unknown method 'magic'" in bad.output
+    bad = runner.invoke(app, ["bench", "latency", "--preset", "tiny", "--dtype", "float8"])
+    assert bad.exit_code != 0 and "dtype must be one of" in bad.output

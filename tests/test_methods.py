@@ -1,0 +1,155 @@
+"""Reuse methods: what they select, their schedules, and their settings."""
+
+import math
+
+import pytest
+import torch
+
+from kvla import EpisodeState, TokenLayout
+from kvla.methods import (FastV, PlanContext, StaticReuse, VLACache, code_reuse_ratios, method_label,
+                          paper_reuse_ratios, parse_method)
+from kvla.model import VLAModel
+from kvla.policy import CachedVLAPolicy
+
+LAYOUT = TokenLayout.single_prompt(num_visual=8, num_text=3)
+
+
+def _state(source_patches, step=1, relevance=None, entropy=None):
+    state = EpisodeState()
+    state.cache = object()  # only has_cache is read by the planners
+    state.source_patches = source_patches
+    state.source_step = torch.zeros(source_patches.shape[:2], dtype=torch.long)
+    state.kv_complete = torch.ones(source_patches.shape[:2], dtype=torch.bool)
+    state.step = step
+    state.relevance = relevance
+    state.layer_entropy = entropy
+    return state
+
+
+def _patches(values):
+    """One patch per value: patch i = [1, values[i]], so similarity to [1, 0] is known."""
+    return torch.tensor([[[1.0, v] for v in values]])
+
+
+def test_static_reuses_exactly_the_patches_above_tau():
+    source = _patches([0.0] * 8)
+    current = _patches([0.0, 0.0, 1.0, 0.0, 0.05, 0.0, 0.2, 0.0])  # cos of [1,v] vs [1,0] = 1/sqrt(1+v^2)
+    ctx = PlanContext(patches=current, state=_state(source), layout=LAYOUT, num_layers=4)
+    plan = StaticReuse(tau=0.996).plan(ctx)
+    assert plan.visual_depth.tolist() == [[0, 0, 4, 0, 0, 0, 4, 0]]  # 1/sqrt(1.0025)=0.9988 stays static
+
+
+def test_first_step_of_an_episode_is_full_for_every_method():
+    ctx = PlanContext(patches=_patches([0.0] * 8), state=EpisodeState(), layout=LAYOUT, num_layers=4)
+    for method in (StaticReuse(), VLACache(), FastV()):
+        plan = method.plan(ctx)
+        assert (plan.visual_depth == 4).all()
+
+
+def test_vla_cache_top_k_relevance_and_empty_set():
+    source = _patches([0.0] * 8)
+    current = _patches([0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.5, 0.6])  # 6 static, graded similarity
+    relevance = torch.tensor([[0.9, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0]])  # token 0 is task-relevant
+    state = _state(source, relevance=relevance)
+    ctx = PlanContext(patches=current, state=state, layout=LAYOUT, num_layers=4)
+    plan = VLACache(top_k=3, schedule="none").plan(ctx)
+    # top-3 most static are 0, 1, 2; 0 is removed by the relevance threshold (normalised 1.0 > 0.5)
+    assert plan.visual_depth.tolist() == [[4, 0, 0, 4, 4, 4, 4, 4]]
+    plan = VLACache(top_k=3, schedule="none", relevance_rule="top_k", task_top_k=2).plan(ctx)
+    assert plan.visual_depth.tolist() == [[4, 0, 0, 4, 4, 4, 4, 4]]  # removes 0 and 3; 3 was not kept anyway
+    # nothing static -> nothing reused, no crash
+    moving = _patches([1.0] * 8)
+    empty = VLACache(schedule="paper").plan(PlanContext(
+        patches=moving, state=_state(source, relevance=relevance, entropy=torch.tensor([[4.0, 3.0, 2.0, 1.0]])),
+        layout=LAYOUT, num_layers=4))
+    assert (empty.visual_depth == 4).all()
+
+
+def test_paper_schedule_formula():
+    entropy = torch.tensor([[4.0, 3.0, 2.4, 2.4]])
+    # R = [0.25, 0.2, 0.0]; alpha = min(k * cumsum, 1) with alpha_0 = 0
+    ratios = paper_reuse_ratios(entropy, k=2.0)
+    assert torch.allclose(ratios, torch.tensor([[0.0, 0.5, 0.9, 0.9]]))
+    rising = paper_reuse_ratios(torch.tensor([[2.0, 3.0, 1.5]]), k=1.0)  # negative R never un-reuses
+    assert torch.allclose(rising, torch.tensor([[0.0, 0.0, 0.0]])) or (rising.diff(dim=1) >= 0).all()
+    assert (rising.diff(dim=1) >= 0).all()
+
+
+def test_code_schedule_applies_only_at_its_layers():
+    entropy = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0]])  # raw 1 - minmax = [0, .25, .5, .75, 1]
+    ratios = code_reuse_ratios(entropy, smoothing=0.5, layers=(2, 4))
+    # smoothed: 0, .125, .3125, .53125, .765625 ; applied at 2 and 4 only
+    assert torch.allclose(ratios, torch.tensor([[0.0, 0.0, 0.3125, 0.3125, 0.765625]]))
+
+
+def test_layer_schedule_depths_follow_the_ratios():
+    source = _patches([0.0] * 8)
+    current = _patches([0.0, 0.01, 0.02, 0.03, 0.5, 0.5, 0.5, 0.5])  # 4 static, most static first
+    entropy = torch.tensor([[4.0, 3.0, 2.0, 1.0]])  # R = .25, .333, .5 -> k=1: alpha = 0, .25, .583, 1
+    ctx = PlanContext(patches=current, state=_state(source, entropy=entropy), layout=LAYOUT, num_layers=4)
+    plan = VLACache(top_k=8, schedule="paper", entropy_k=1.0).plan(ctx)
+    # quota per layer floor(alpha * 4) = 0, 1, 2, 4 -> ranks 0..3 reused from layers 1, 2, 3, 3
+    assert plan.visual_depth.tolist() == [[1, 2, 3, 3, 4, 4, 4, 4]]
+
+
+def test_static_detection_compares_with_the_source_frame_and_max_age():
+    torch.manual_seed(0)
+    model = VLAModel.from_preset("tiny")
+    base = torch.randint(60, 200, (1, 32, 32, 3), dtype=torch.uint8)
+    text = torch.randint(3, 200, (1, model.config.num_text_tokens))
+    policy = CachedVLAPolicy(model, StaticReuse(tau=0.9995))
+    policy.reset()
+    policy.step(base, text)
+    # drift the image slowly: each frame is static w.r.t. the previous one, not w.r.t. the source
+    direction = torch.where(torch.rand(base.shape) < 0.5, -3, 3)
+    frames = [(base.int() + k * direction).to(torch.uint8) for k in range(1, 5)]
+    patches = [model.image_patches(model.policy_images(f)) for f in [base, *frames]]
+    cos = torch.nn.functional.cosine_similarity
+    assert (cos(patches[1], patches[2], dim=-1) >= 0.9995).all()  # consecutive frames look static
+    assert (cos(patches[0], patches[2], dim=-1) < 0.9995).all()  # but not against the source frame
+    reused = [policy.step(f, text).reuse_ratio for f in frames]
+    assert reused[0] == 1.0
+    assert reused[1] == 0.0  # compared with the source frame (base), not the previous frame
+    # max_age forces a recompute even of an unchanged frame
+    aged = CachedVLAPolicy(model, StaticReuse(max_age=2))
+    ratios = [aged.step(base, text).reuse_ratio for _ in range(4)]
+    assert ratios == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_fastv_drops_tokens_after_its_layer():
+    model = VLAModel.from_preset("tiny", num_layers=4)
+    policy = CachedVLAPolicy(model, FastV(layer=1, ratio=0.5))
+    frame = torch.randint(0, 255, (1, 32, 32, 3), dtype=torch.uint8)
+    out = policy.step(frame, torch.randint(3, 200, (1, model.config.num_text_tokens)))
+    seq = model.layout.seq_len
+    assert out.computed_tokens == [seq, seq, seq - 8, seq - 8]
+    assert out.reuse_ratio == pytest.approx(0.5 * 2 / 4)
+    # its next step cannot reuse the pruned tokens' incomplete K/V
+    assert not policy.state.kv_complete.all()
+
+
+def test_parse_method_and_label():
+    method = parse_method("vla_cache:top_k=180:relevance_layers=2/5:schedule=none")
+    assert isinstance(method, VLACache) and method.top_k == 180 and method.relevance_layers == (2, 5)
+    assert method_label(method) == "vla_cache:top_k=180:relevance_layers=2/5:schedule=none"
+    for bad, message in [("nope", "unknown method"), ("vla_cache:top_k", "key=value"),
+                         ("vla_cache:topk=3", "no setting"), ("vla_cache:top_k=x", "not a valid int"),
+                         ("vla_cache:schedule=fast", "schedule must be")]:
+        with pytest.raises(ValueError, match=message):
+            parse_method(bad)
+
+
+def test_every_method_runs_a_batch_of_two_over_real_frames():
+    from kvla.frames import load_frames
+
+    frames = load_frames().frames[:4]
+    model = VLAModel.from_preset("tiny")
+    text = torch.randint(3, 200, (2, model.config.num_text_tokens))
+    for spec in ("full", "static", "vla_cache", "vla_cache:schedule=code", "fastv"):
+        policy = CachedVLAPolicy(model, spec)
+        for t in range(3):
+            batch = torch.stack([frames[t], frames[t + 1]])
+            out = policy.step(batch, text)
+            assert out.action_tokens.shape == (2, 7)
+            assert out.actions.min() >= -1 and out.actions.max() <= 1
+            assert not math.isnan(out.logits.sum().item())
