@@ -18,6 +18,7 @@ def test_bench_latency_on_the_bundled_frames(tmp_path):
     for record in records.values():
         assert FIELDS <= set(record)
         assert record["step_ms"] > 0 and record["steps"] == 4
+        assert abs(sum(record["flops_by_part"].values()) - record["flops"]) <= 1e-9 * record["flops"]
     assert records["full"]["speedup_step"] == 1.0 and records["full"]["reuse_ratio"] == 0.0
     assert records["static"]["reuse_ratio"] > 0.5  # the bundled episode is mostly static
     assert records["static"]["flops"] < records["full"]["flops"]

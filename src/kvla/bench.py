@@ -29,6 +29,8 @@ class LatencyRecord:
     decode_ms: float
     vision_ms: float
     steps: int
+    flops_by_part: dict  # mean FLOPs per step: vision, prefill, action_decoding, head
+    prefill_tokens_per_layer: list[float]  # mean rows computed in each decoder layer
 
 
 def _median(values):
@@ -70,7 +72,12 @@ def run_latency(model: VLAModel, method_specs: list[str], episode: Episode, *, s
     bytes_per_element = torch.finfo(next(model.parameters()).dtype).bits // 8
     for label, outs in zip(labels, outputs):
         measured = outs[skip_first:]
-        flops = [step_flops(model.config, layout, o.computed_tokens, batch=1).total for o in measured]
+        counts = [step_flops(model.config, layout, o.computed_tokens, batch=1) for o in measured]
+        flops = [c.total for c in counts]
+        parts = {part: float(statistics.fmean(getattr(c, part) for c in counts))
+                 for part in ("vision", "prefill", "action_decoding", "head")}
+        tokens_per_layer = [float(statistics.fmean(c.prefill_tokens_per_layer[l] for c in counts))
+                            for l in range(model.config.num_layers)]
         records.append(LatencyRecord(
             method=label,
             step_ms=_median([o.step_ms for o in measured]),
@@ -84,6 +91,8 @@ def run_latency(model: VLAModel, method_specs: list[str], episode: Episode, *, s
             decode_ms=_median([o.decode_ms for o in measured]),
             vision_ms=_median([o.vision_ms for o in measured]),
             steps=len(measured),
+            flops_by_part=parts,
+            prefill_tokens_per_layer=tokens_per_layer,
         ))
     return records
 
