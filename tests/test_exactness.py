@@ -1,6 +1,8 @@
 """Every accelerated path against the plain model's own forward and generate."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -69,6 +71,22 @@ class _SwapInOldKV:
         return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 
 
+def _reference_with_old_kv(lm, previous, current, visual_depth):
+    """Last-position logits of a full forward of `current` in which each visual token's K/V comes
+    from the forward of `previous` in the layers at and above its depth."""
+    batch, seq_len, _ = current.shape
+    with torch.no_grad():
+        old = lm(inputs_embeds=previous, use_cache=True).past_key_values
+        full_depth = torch.full((batch, seq_len), lm.config.num_hidden_layers)
+        full_depth[:, 1:1 + NUM_VISUAL] = visual_depth
+        AttentionInterface.register("kvla_test_swap", _SwapInOldKV(old, full_depth))
+        lm.set_attn_implementation("kvla_test_swap")
+        try:
+            return lm(inputs_embeds=current).logits[:, -1]
+        finally:
+            lm.set_attn_implementation("sdpa")
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_layer_adaptive_partial_reuse_matches_independent_reference(family, batch):
     lm = make_lm(family, num_layers=4)
@@ -82,16 +100,7 @@ def test_layer_adaptive_partial_reuse_matches_independent_reference(family, batc
     depth = torch.randint(0, 5, (batch, NUM_VISUAL), generator=generator)  # different per sample
     result = engine.prefill(current, layout, ReusePlan(visual_depth=depth), state)
 
-    with torch.no_grad():
-        old = lm(inputs_embeds=previous, use_cache=True).past_key_values
-        full_depth = torch.full((batch, layout.seq_len), 4)
-        full_depth[:, 1:1 + NUM_VISUAL] = depth
-        AttentionInterface.register("kvla_test_swap", _SwapInOldKV(old, full_depth))
-        lm.set_attn_implementation("kvla_test_swap")
-        try:
-            expected = lm(inputs_embeds=current).logits[:, -1]
-        finally:
-            lm.set_attn_implementation("sdpa")
+    expected = _reference_with_old_kv(lm, previous, current, depth)
     assert (result.logits[:, -1] - expected).abs().max() < 1e-4
     # and the reuse really changed the answer compared with recomputing everything
     with torch.no_grad():
@@ -127,3 +136,28 @@ def test_bfloat16_full_plan_close_to_model():
         expected = lm(inputs_embeds=embeds).logits[:, -1].float()
     assert result.logits.dtype == torch.float32
     assert (result.logits[:, -1] - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+_MODELS = {}
+
+
+@settings(max_examples=25, deadline=None)
+@given(family=st.sampled_from(["llama", "qwen2", "gemma"]), batch=st.integers(1, 3), data=st.data())
+def test_any_plan_matches_the_reference(family, batch, data):
+    """Property: for any per-sample depths, the engine equals the swap-in-old-K/V reference."""
+    if family not in _MODELS:
+        _MODELS[family] = make_lm(family, num_layers=3, seed=1)
+    lm = _MODELS[family]
+    layout = _layout(False)
+    seed = data.draw(st.integers(0, 2**16))
+    generator = torch.Generator().manual_seed(seed)
+    previous = torch.randn(batch, layout.seq_len, 64, generator=generator)
+    current = previous + torch.randn(batch, layout.seq_len, 64, generator=generator)
+    depth = torch.tensor(data.draw(st.lists(st.lists(st.integers(0, 3), min_size=NUM_VISUAL, max_size=NUM_VISUAL),
+                                            min_size=batch, max_size=batch)))
+    engine, state = PartialPrefillEngine(lm), EpisodeState()
+    engine.prefill(previous, layout, ReusePlan.full(batch, layout, 3), state)
+    result = engine.prefill(current, layout, ReusePlan(visual_depth=depth), state)
+    assert result.computed_tokens == [int((depth > l).sum(1).max()) + layout.seq_len - NUM_VISUAL for l in range(3)]
+    expected = _reference_with_old_kv(lm, previous, current, depth)
+    assert (result.logits[:, -1] - expected).abs().max() < 1e-4

@@ -139,11 +139,12 @@ def test_parse_method_and_label():
             parse_method(bad)
 
 
-def test_every_method_runs_a_batch_of_two_over_real_frames():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_method_runs_a_batch_of_two_over_real_frames(dtype):
     from kvla.frames import load_frames
 
     frames = load_frames().frames[:4]
-    model = VLAModel.from_preset("tiny")
+    model = VLAModel.from_preset("tiny").to(dtype)
     text = torch.randint(3, 200, (2, model.config.num_text_tokens))
     for spec in ("full", "static", "vla_cache", "vla_cache:schedule=code", "fastv"):
         policy = CachedVLAPolicy(model, spec)
