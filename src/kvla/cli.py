@@ -127,3 +127,165 @@ def list_presets():
 
 def main():  # pragma: no cover
     app()
+
+
+# ---------------------------------------------------------------------------------- testbed
+train_app = typer.Typer(help="Training.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _mount_data_app():
+    try:
+        from kvla.data import data_app
+    except ImportError:  # the simulator extra is not installed
+        return
+    app.add_typer(data_app, name="data", help="Demonstrations: collect with the scripted experts.")
+
+
+_mount_data_app()
+
+
+@train_app.command("policy")
+def train_policy_command(
+    data: Path = typer.Option(Path("data/metaworld_mt10.hdf5"), help="Demonstrations (HDF5, robomimic layout)."),
+    out: Path = typer.Option(Path("runs/policy"), help="Output directory: checkpoint/, best/, log.jsonl."),
+    parallel: bool = typer.Option(False, help="OpenVLA-OFT style: all action positions in one pass."),
+    action_chunk: int = typer.Option(1, help="Future steps per prediction (needs --parallel)."),
+    batch_size: int = typer.Option(16),
+    lr: float = typer.Option(3e-4),
+    max_steps: int = typer.Option(20000),
+    max_minutes: float = typer.Option(0.0, help="Stop and checkpoint after this wall time (0: no limit)."),
+    val_every: int = typer.Option(500),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/training_state.pt."),
+    progress: bool = typer.Option(True),
+):
+    """Behaviour cloning of the reference VLA on the demonstrations, with held-out validation episodes."""
+    from kvla.train import TrainConfig, train_policy
+
+    if not data.exists():
+        raise typer.BadParameter(f"{data} does not exist: run `kvla data collect` first", param_hint="--data")
+    if action_chunk > 1 and not parallel:
+        raise typer.BadParameter("action chunks need --parallel", param_hint="--action-chunk")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(data=str(data), out=str(out), parallel=parallel, action_chunk=action_chunk,
+                      batch_size=batch_size, lr=lr, max_steps=max_steps, max_minutes=max_minutes,
+                      val_every=val_every, seed=seed)
+    metrics = train_policy(cfg, resume=resume, progress=progress)
+    console.print(f"final: {json.dumps(metrics)}")
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: Path = typer.Option(Path("checkpoints/reference-vla"), help="A trained reference VLA."),
+    methods: str = typer.Option("full,vla_cache", help="Comma-separated methods (settings as name:key=value)."),
+    tasks: str = typer.Option("all", help="Comma-separated task names, or all."),
+    episodes: int = typer.Option(20, help="Held-out episodes per task (seeds from --seed-start)."),
+    seed_start: int = typer.Option(10_000, help="First evaluation seed (demonstrations use seeds from 0)."),
+    max_steps: int = typer.Option(150, help="Episode length limit."),
+    workers: int = typer.Option(2, help="Worker processes."),
+    json_path: Path = typer.Option(None, "--json", help="Write one record per method (overall) and per task."),
+    plot: Path = typer.Option(None, help="PNG: success against speed-up per method."),
+    video: Path = typer.Option(None, help="GIF of one episode per method with the reused patches shaded (suffix added)."),
+    fidelity: bool = typer.Option(False, help="Teacher-forced proxy on held-out demonstrations instead of closed loop."),
+    data: Path = typer.Option(Path("data/metaworld_mt10.hdf5"), help="Demonstrations, for --fidelity."),
+    fidelity_episodes: int = typer.Option(2, help="Held-out demonstration episodes per task for --fidelity."),
+    progress: bool = typer.Option(True),
+):
+    """Closed-loop success, paired across methods by seed; or --fidelity on demonstration frames."""
+    from kvla import evaluate
+    from kvla.sim import TASKS
+
+    specs = [s for s in methods.split(",") if s.strip()]
+    try:
+        for spec in specs:
+            parse_method(spec)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--methods") from None
+    specs = list(dict.fromkeys(["full", *specs]))
+    task_list = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in task_list if t not in TASKS]
+    if unknown:
+        raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}", param_hint="--tasks")
+    if not (checkpoint / "config.json").exists():
+        raise typer.BadParameter(f"{checkpoint} is not a checkpoint directory (no config.json)", param_hint="--checkpoint")
+
+    if fidelity:
+        _eval_fidelity(checkpoint, specs, task_list, data, fidelity_episodes, json_path, progress)
+        return
+    results = evaluate.run_closed_loop(str(checkpoint), specs, task_list, episodes, seed_start=seed_start,
+                                       max_steps=max_steps, workers=workers, progress=progress)
+    labels = [o.method for o in results[0]]
+    summaries = evaluate.summarise(results, labels)
+    table = Table(title=f"kvla eval - {checkpoint}, {episodes} held-out episodes per task (seeds {seed_start}..), "
+                        f"paired across methods")
+    for column in ("task", "method", "success", "95 % CI", "vs full", "95 % CI (paired)", "step ms", "speed-up",
+                   "reuse", "MFLOPs/step"):
+        table.add_column(column, justify="left" if column in ("task", "method") else "right")
+    for s in summaries:
+        table.add_row(s.task, s.method, f"{s.success_rate:.1%}", f"{s.success_ci[0]:.0%}-{s.success_ci[1]:.0%}",
+                      f"{s.delta_vs_full:+.1%}", f"{s.delta_ci[0]:+.1%}..{s.delta_ci[1]:+.1%}", f"{s.step_ms:.1f}",
+                      f"{s.speedup_step:.2f}x", f"{s.reuse_ratio:.1%}", f"{s.flops / 1e6:.0f}")
+    console.print(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(evaluate.summaries_as_json(summaries), indent=2))
+        console.print(f"wrote {json_path}")
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        evaluate.plot_success_vs_speedup(summaries, plot)
+        console.print(f"wrote {plot}")
+    if video:
+        _eval_videos(checkpoint, specs, task_list[0], seed_start, max_steps, video)
+
+
+def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
+    from kvla import evaluate
+    from kvla.policy import CachedVLAPolicy
+    from kvla.reference import load_policy_checkpoint
+    from kvla.sim import TASKS
+
+    model, tokenizer = load_policy_checkpoint(checkpoint)
+    video.parent.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        policy = CachedVLAPolicy(model, parse_method(spec))
+        outcome, frames = evaluate.run_episode(policy, tokenizer.encode_batch([TASKS[task]]), task, seed,
+                                               model.config.image_size, max_steps, record=True)
+        path = video.with_name(f"{video.stem}-{spec.split(':')[0]}{video.suffix or '.gif'}")
+        evaluate.save_video(frames, path)
+        console.print(f"wrote {path} ({task}, seed {seed}, success {outcome.success}, {outcome.steps} steps)")
+
+
+def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: int, json_path, progress):
+    from dataclasses import asdict
+
+    from kvla import evaluate
+    from kvla.data import load_demos
+    from kvla.reference import load_policy_checkpoint
+    from kvla.train import split_demos
+
+    if not data.exists():
+        raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
+    model, tokenizer = load_policy_checkpoint(checkpoint)
+    train_cfg = checkpoint.parent / "train_config.json"
+    held_out_per_task = json.loads(train_cfg.read_text())["val_episodes_per_task"] if train_cfg.exists() else 4
+    _, held_out = split_demos([d for d in load_demos(data) if d.task in task_list], held_out_per_task)
+    chosen: dict[str, list] = {}
+    for demo in held_out:
+        if len(chosen.setdefault(demo.task, [])) < episodes_per_task:
+            chosen[demo.task].append(demo)
+    demos = [d for task_demos in chosen.values() for d in task_demos]
+    records = evaluate.run_fidelity(model, tokenizer, demos, specs, progress=progress)
+    table = Table(title=f"kvla eval --fidelity - {len(demos)} held-out demonstrations, teacher-forced")
+    for column in ("method", "frames", "token agreement with full", "L1 vs full", "L1 vs demo", "reuse"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in records:
+        table.add_row(r.method, str(r.frames), f"{r.token_agreement:.1%}", f"{r.l1_vs_full:.4f}",
+                      f"{r.l1_vs_demo:.4f}", f"{r.reuse_ratio:.1%}")
+    console.print(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps([asdict(r) for r in records], indent=2))
+        console.print(f"wrote {json_path}")

@@ -48,8 +48,10 @@ class VLAConfig:
     num_kv_heads: int = 16
     vocab_size: int = 32064
     num_text_tokens: int = 28
-    action_dim: int = 7
+    action_dim: int = 7  # action dimensions per control step
+    action_chunk: int = 1  # control steps predicted at once (OFT-style chunks need parallel_actions)
     parallel_actions: bool = False
+    proprio_dim: int = 0  # robot state fed as one proprio token after the visual tokens (0: none)
 
     @property
     def patches_per_image(self) -> int:
@@ -59,10 +61,15 @@ class VLAConfig:
     def num_visual(self) -> int:
         return self.num_cameras * self.patches_per_image
 
+    @property
+    def num_action_tokens(self) -> int:
+        return self.action_dim * self.action_chunk
+
     def layout(self) -> TokenLayout:
         return TokenLayout.single_prompt(
             num_visual=self.patches_per_image, num_text=self.num_text_tokens, num_cameras=self.num_cameras,
-            num_action_tokens=self.action_dim, parallel_actions=self.parallel_actions,
+            num_proprio=1 if self.proprio_dim else 0, num_action_tokens=self.num_action_tokens,
+            parallel_actions=self.parallel_actions,
         )
 
     def decoder_config(self):
@@ -141,11 +148,14 @@ class VLAModel(nn.Module):
             raise ValueError(f"unsupported decoder family {config.family!r}; choose from {', '.join(_FAMILIES)}")
         if config.image_size % config.patch_size:
             raise ImageError(f"image_size {config.image_size} is not a multiple of patch_size {config.patch_size}")
+        if config.action_chunk > 1 and not config.parallel_actions:
+            raise ValueError("action chunks are decoded in parallel: set parallel_actions=True")
         self.config = config
         self.vision = PatchViT(config)
         self.projector = nn.Sequential(
             nn.Linear(config.vision_dim, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
         )
+        self.proprio_projector = nn.Linear(config.proprio_dim, config.hidden_size) if config.proprio_dim else None
         _, lm_cls = _FAMILIES[config.family]
         self.language_model = lm_cls(config.decoder_config())
         self.layout = config.layout()
@@ -196,18 +206,28 @@ class VLAModel(nn.Module):
         features = self.projector(self.vision(pixels))
         return features.reshape(batch, cams * features.shape[1], -1)
 
-    def prompt_embeddings(self, visual: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
-        """[BOS, visual tokens, text, (action placeholders)] embeddings, matching self.layout."""
+    def prompt_embeddings(self, visual: torch.Tensor, text_ids: torch.Tensor,
+                          proprio: torch.Tensor | None = None) -> torch.Tensor:
+        """[BOS, visual tokens, (proprio), text, (action placeholders)] embeddings, matching self.layout."""
         embed = self.language_model.get_input_embeddings()
         batch = visual.shape[0]
+        if (proprio is None) != (self.proprio_projector is None):
+            raise ValueError(f"model takes proprio of dimension {self.config.proprio_dim}; "
+                             f"got {'none' if proprio is None else tuple(proprio.shape)}")
+        if proprio is not None and proprio.shape != (batch, self.config.proprio_dim):
+            raise ValueError(f"proprio must be [batch={batch}, {self.config.proprio_dim}], got {tuple(proprio.shape)}")
         if text_ids.dim() != 2 or text_ids.shape != (batch, self.config.num_text_tokens):
             raise ValueError(
                 f"text_ids must be [batch={batch}, {self.config.num_text_tokens}], got {tuple(text_ids.shape)}"
             )
         text_ids = text_ids.to(visual.device)
-        parts = [embed(torch.full((batch, 1), BOS_TOKEN_ID, device=visual.device)), visual, embed(text_ids)]
+        parts = [embed(torch.full((batch, 1), BOS_TOKEN_ID, device=visual.device)), visual]
+        if proprio is not None:
+            parts.append(self.proprio_projector(proprio.to(visual.device, visual.dtype))[:, None])
+        parts.append(embed(text_ids))
         if self.config.parallel_actions:
-            placeholder = torch.full((batch, self.config.action_dim), self.config.vocab_size - 1, device=visual.device)
+            placeholder = torch.full((batch, self.config.num_action_tokens), self.config.vocab_size - 1,
+                                     device=visual.device)
             parts.append(embed(placeholder))
         return torch.cat(parts, dim=1)
 
@@ -215,3 +235,36 @@ class VLAModel(nn.Module):
         """Action token ids -> continuous actions in [-1, 1] (bin centres; OpenVLA's convention)."""
         bins = (self.config.vocab_size - 1 - tokens).clamp(0, ACTION_BINS - 1).float()
         return (bins + 0.5) / ACTION_BINS * 2.0 - 1.0
+
+    def actions_to_tokens(self, actions: torch.Tensor) -> torch.Tensor:
+        """Continuous actions (clipped to [-1, 1]) -> action token ids: the last 256 of the vocabulary."""
+        bins = ((actions.clamp(-1, 1) + 1.0) / 2.0 * ACTION_BINS).floor().clamp(0, ACTION_BINS - 1).long()
+        return self.config.vocab_size - 1 - bins
+
+    # -------------------------------------------------------------- checkpoints
+    def save_pretrained(self, directory) -> None:
+        """model.safetensors + config.json in `directory`."""
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_model(self, str(directory / "model.safetensors"))
+        (directory / "config.json").write_text(json.dumps(asdict(self.config), indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "VLAModel":
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).exists():
+                raise FileNotFoundError(f"checkpoint {directory} has no {name}")
+        model = cls(VLAConfig(**json.loads((directory / "config.json").read_text())))
+        load_model(model, str(directory / "model.safetensors"))
+        return model.eval()

@@ -24,6 +24,7 @@ class StepOutput:
     decode_ms: float
     reuse_ratio: float  # fraction of visual (token, layer) computations skipped
     computed_tokens: list[int]  # rows computed per decoder layer
+    visual_depth: torch.Tensor  # [B, V] layers each visual token was computed in (num_layers: all)
     notes: dict = field(default_factory=dict)
 
     @property
@@ -54,11 +55,11 @@ class CachedVLAPolicy:
         return time.perf_counter()
 
     @torch.no_grad()
-    def step(self, images: torch.Tensor, text_ids: torch.Tensor) -> StepOutput:
+    def step(self, images: torch.Tensor, text_ids: torch.Tensor, proprio: torch.Tensor | None = None) -> StepOutput:
         model, engine, layout = self.model, self.engine, self.model.layout
         start = self._sync()
         policy_images = model.policy_images(images)
-        embeds = model.prompt_embeddings(model.encode_images(policy_images), text_ids)
+        embeds = model.prompt_embeddings(model.encode_images(policy_images), text_ids, proprio)
         after_vision = self._sync()
         patches = model.image_patches(policy_images).to(engine.device)
         ctx = PlanContext(patches=patches, state=self.state, layout=layout, num_layers=engine.num_layers)
@@ -76,12 +77,13 @@ class CachedVLAPolicy:
             vision_ms=(after_vision - start) * 1e3, select_ms=(after_select - after_vision) * 1e3,
             prefill_ms=(after_prefill - after_select) * 1e3, decode_ms=(end - after_prefill) * 1e3,
             reuse_ratio=result.reuse_ratio(engine.num_layers), computed_tokens=result.computed_tokens,
-            notes=plan.notes,
+            visual_depth=result.visual_depth, notes=plan.notes,
         )
 
     def select_action(self, observation: dict) -> torch.Tensor:
-        """LeRobot-style: observation {"images": uint8 frames, "text_ids": [B, T]} -> actions [B, action_dim]."""
+        """LeRobot-style: observation {"images": uint8 frames, "text_ids": [B, T], optional "proprio"}
+        -> actions [B, action_dim * action_chunk]."""
         for key in ("images", "text_ids"):
             if key not in observation:
                 raise KeyError(f"observation has no {key!r}; it needs 'images' and 'text_ids'")
-        return self.step(observation["images"], observation["text_ids"]).actions
+        return self.step(observation["images"], observation["text_ids"], observation.get("proprio")).actions

@@ -1,0 +1,257 @@
+"""Closed-loop evaluation, paired across methods by seed, and the teacher-forced fidelity proxy."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from kvla.flops import step_flops
+from kvla.methods import method_label, parse_method
+from kvla.policy import CachedVLAPolicy
+
+EVAL_SEED_START = 10_000  # held out: demonstrations use seeds from 0
+
+
+@dataclass
+class EpisodeOutcome:
+    method: str
+    task: str
+    seed: int
+    success: bool
+    steps: int
+    step_ms: list[float] = field(default_factory=list)
+    prefill_ms: list[float] = field(default_factory=list)
+    reuse: list[float] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+
+
+def shade_reused(image: np.ndarray, visual_depth: torch.Tensor, num_layers: int, patch: int) -> np.ndarray:
+    """Tint each patch blue by the fraction of layers in which its K/V was reused."""
+    grid = image.shape[0] // patch
+    reused = (1.0 - visual_depth[:grid * grid].float() / num_layers).reshape(grid, grid).numpy()
+    alpha = np.kron(reused, np.ones((patch, patch)))[..., None] * 0.5
+    tint = np.array([40, 90, 255], dtype=np.float32)
+    return (image * (1 - alpha) + tint * alpha).astype(np.uint8)
+
+
+def run_episode(policy: CachedVLAPolicy, text_ids: torch.Tensor, task: str, seed: int, image_size: int,
+                max_steps: int, record: bool = False):
+    """One closed-loop episode; returns (outcome, frames with reused patches shaded if record)."""
+    from kvla.sim import SimEnv
+
+    model = policy.model
+    cfg, layers = model.config, policy.engine.num_layers
+    outcome = EpisodeOutcome(method=method_label(policy.method), task=task, seed=seed, success=False, steps=0)
+    frames = []
+    policy.reset()
+    with SimEnv(task, seed, image_size=image_size, max_steps=max_steps) as env:
+        observation = env.reset()
+        done = False
+        while not done:
+            image = torch.from_numpy(observation["image"])[None]
+            proprio = torch.from_numpy(observation["proprio"])[None] if cfg.proprio_dim else None
+            out = policy.step(image, text_ids, proprio)
+            outcome.step_ms.append(out.step_ms)
+            outcome.prefill_ms.append(out.prefill_ms)
+            outcome.reuse.append(out.reuse_ratio)
+            outcome.flops.append(step_flops(cfg, model.layout, out.computed_tokens, batch=1).total)
+            if record:
+                frames.append(shade_reused(observation["image"], out.visual_depth[0].cpu(), layers, cfg.patch_size))
+            chunk = out.actions[0].reshape(cfg.action_chunk, cfg.action_dim).numpy()
+            for action in chunk:  # an action chunk is executed open loop, as OpenVLA-OFT does
+                observation, success, done = env.step(action)
+                outcome.steps += 1
+                outcome.success |= success
+                if done:
+                    break
+    return outcome, frames
+
+
+# ------------------------------------------------------------------ worker processes
+_WORKER: dict = {}
+
+
+def _init_worker(checkpoint: str, method_specs: list[str], threads: int):
+    from kvla.reference import load_policy_checkpoint
+
+    torch.set_num_threads(threads)
+    model, tokenizer = load_policy_checkpoint(checkpoint)
+    _WORKER.update(model=model, tokenizer=tokenizer,
+                   policies=[CachedVLAPolicy(model, parse_method(spec)) for spec in method_specs])
+
+
+def _run_job(job) -> list[EpisodeOutcome]:
+    """All methods on one (task, seed), methods in an order rotated by the seed (interleaving)."""
+    from kvla.sim import TASKS
+
+    task, seed, max_steps = job
+    policies = _WORKER["policies"]
+    text_ids = _WORKER["tokenizer"].encode_batch([TASKS[task]])
+    shift = seed % len(policies)
+    outcomes = [None] * len(policies)
+    for index in list(range(shift, len(policies))) + list(range(shift)):
+        outcomes[index], _ = run_episode(policies[index], text_ids, task, seed,
+                                         _WORKER["model"].config.image_size, max_steps)
+    return outcomes
+
+
+def run_closed_loop(checkpoint: str, method_specs: list[str], tasks: list[str], episodes_per_task: int,
+                    *, seed_start: int = EVAL_SEED_START, max_steps: int = 150, workers: int = 2,
+                    progress: bool = True) -> list[list[EpisodeOutcome]]:
+    """Every method on the same (task, seed) pairs; returns per job the outcomes of each method."""
+    jobs = [(task, seed_start + i, max_steps) for i in range(episodes_per_task) for task in tasks]
+    threads = max(1, torch.get_num_threads() // max(1, workers))
+    if workers <= 1:
+        _init_worker(checkpoint, method_specs, threads)
+        return [_run_job(job) for job in tqdm(jobs, desc="episodes", disable=not progress)]
+    context = mp.get_context("spawn")  # fresh GL contexts and torch threads per worker
+    with context.Pool(workers, initializer=_init_worker, initargs=(checkpoint, method_specs, threads)) as pool:
+        return list(tqdm(pool.imap(_run_job, jobs), total=len(jobs), desc="episodes", disable=not progress))
+
+
+# ------------------------------------------------------------------ statistics
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a success rate."""
+    if trials == 0:
+        return (math.nan, math.nan)
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def paired_difference(method: list[bool], reference: list[bool], z: float = 1.96) -> tuple[float, tuple[float, float]]:
+    """Mean paired difference of success (method - reference) and its normal-approximation 95 % interval."""
+    diffs = [float(a) - float(b) for a, b in zip(method, reference)]
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, (math.nan, math.nan)
+    half = z * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return mean, (mean - half, mean + half)
+
+
+@dataclass
+class MethodSummary:
+    method: str
+    task: str  # a task name or "all"
+    episodes: int
+    success_rate: float
+    success_ci: tuple[float, float]
+    delta_vs_full: float
+    delta_ci: tuple[float, float]
+    step_ms: float  # median over all steps
+    speedup_step: float  # median over episodes of (full's median step ms / this method's)
+    reuse_ratio: float
+    flops: float  # mean per step
+
+
+def summarise(results: list[list[EpisodeOutcome]], labels: list[str]) -> list[MethodSummary]:
+    """Per task and overall, per method; the first label is the reference (`full`)."""
+    tasks = sorted({job[0].task for job in results})
+    summaries = []
+    for task in [*tasks, "all"]:
+        jobs = [job for job in results if task == "all" or job[0].task == task]
+        reference = [job[0] for job in jobs]
+        for index, label in enumerate(labels):
+            outcomes = [job[index] for job in jobs]
+            successes = [o.success for o in outcomes]
+            delta, delta_ci = paired_difference(successes, [r.success for r in reference])
+            ratios = [statistics.median(r.step_ms) / statistics.median(o.step_ms) for r, o in zip(reference, outcomes)]
+            summaries.append(MethodSummary(
+                method=label, task=task, episodes=len(outcomes),
+                success_rate=sum(successes) / len(outcomes), success_ci=wilson_interval(sum(successes), len(outcomes)),
+                delta_vs_full=delta, delta_ci=delta_ci,
+                step_ms=statistics.median([ms for o in outcomes for ms in o.step_ms]),
+                speedup_step=statistics.median(ratios),
+                reuse_ratio=statistics.fmean([r for o in outcomes for r in o.reuse]),
+                flops=statistics.fmean([f for o in outcomes for f in o.flops]),
+            ))
+    return summaries
+
+
+def summaries_as_json(summaries: list[MethodSummary]) -> list[dict]:
+    return [asdict(s) for s in summaries]
+
+
+def plot_success_vs_speedup(summaries: list[MethodSummary], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    overall = [s for s in summaries if s.task == "all"]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for s in overall:
+        low, high = s.success_ci
+        ax.errorbar(s.speedup_step, 100 * s.success_rate, yerr=[[100 * (s.success_rate - low)], [100 * (high - s.success_rate)]],
+                    fmt="o", capsize=4, label=s.method)
+    ax.set_xlabel("whole-step speed-up vs full (median of paired episode ratios)")
+    ax.set_ylabel("success rate, % (95 % Wilson interval)")
+    ax.set_title(f"closed loop, {overall[0].episodes} episodes per method" if overall else "closed loop")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_video(frames: list[np.ndarray], path, fps: int = 10) -> None:
+    """An animated GIF of the episode (frames uint8 [S, S, 3])."""
+    from PIL import Image
+
+    images = [Image.fromarray(f).resize((f.shape[1] * 2, f.shape[0] * 2), Image.NEAREST) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+
+
+# ------------------------------------------------------------------ fidelity
+@dataclass
+class FidelityRecord:
+    method: str
+    frames: int
+    token_agreement: float  # fraction of action tokens equal to full's on the same frames
+    l1_vs_full: float  # mean |action - full's action|
+    l1_vs_demo: float  # mean |action - demonstrated action|
+    reuse_ratio: float
+
+
+def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: bool = True) -> list[FidelityRecord]:
+    """Feed held-out demonstration episodes frame by frame (teacher-forced: the recorded observations,
+    not the policy's own) to every method; compare actions with `full` and with the demonstration."""
+    specs = list(dict.fromkeys(["full", *method_specs]))
+    policies = [CachedVLAPolicy(model, parse_method(spec)) for spec in specs]
+    tokens = {i: [] for i in range(len(specs))}
+    actions = {i: [] for i in range(len(specs))}
+    reuse = {i: [] for i in range(len(specs))}
+    demo_actions = []
+    for demo in tqdm(demos, desc="fidelity episodes", disable=not progress):
+        text_ids = tokenizer.encode_batch([demo.instruction])
+        for policy in policies:
+            policy.reset()
+        for t in range(len(demo.actions)):
+            image = torch.as_tensor(demo.images[t])[None]
+            proprio = torch.as_tensor(demo.proprio[t], dtype=torch.float32)[None] if model.config.proprio_dim else None
+            for index, policy in enumerate(policies):
+                out = policy.step(image, text_ids, proprio)
+                tokens[index].append(out.action_tokens[0, :model.config.action_dim])
+                actions[index].append(out.actions[0, :model.config.action_dim])
+                reuse[index].append(out.reuse_ratio)
+            demo_actions.append(torch.as_tensor(demo.actions[t], dtype=torch.float32).clamp(-1, 1))
+    demo_actions = torch.stack(demo_actions)
+    reference_tokens, reference_actions = torch.stack(tokens[0]), torch.stack(actions[0])
+    records = []
+    for index, spec in enumerate(specs):
+        method_tokens, method_actions = torch.stack(tokens[index]), torch.stack(actions[index])
+        records.append(FidelityRecord(
+            method=method_label(policies[index].method), frames=len(method_tokens),
+            token_agreement=(method_tokens == reference_tokens).float().mean().item(),
+            l1_vs_full=(method_actions - reference_actions).abs().mean().item(),
+            l1_vs_demo=(method_actions - demo_actions).abs().mean().item(),
+            reuse_ratio=statistics.fmean(reuse[index]),
+        ))
+    return records

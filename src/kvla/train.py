@@ -1,0 +1,209 @@
+"""Behaviour cloning of the reference VLA on the demonstrations (`kvla train policy`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kvla.model import VLAModel
+from kvla.reference import InstructionTokenizer, reference_config
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    parallel: bool = False  # OFT-style: all action positions in one pass
+    action_chunk: int = 1  # future steps predicted at once (needs parallel)
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 200
+    max_steps: int = 20000
+    max_minutes: float = 0.0  # stop (and checkpoint) after this wall time; 0: no limit
+    val_episodes_per_task: int = 4  # held-out episodes (the highest seeds of each task)
+    val_every: int = 500
+    log_every: int = 50
+    shift_pixels: int = 4  # random-shift augmentation
+    seed: int = 0
+
+
+class DemoFrames:
+    """All frames of a set of demonstrations in memory, with their action (chunk) targets."""
+
+    def __init__(self, demos, tokenizer: InstructionTokenizer, action_chunk: int):
+        images, proprio, actions, text = [], [], [], []
+        for demo in demos:
+            length = len(demo.actions)
+            acts = torch.as_tensor(demo.actions, dtype=torch.float32).clamp(-1, 1)
+            # chunk t = actions t .. t+K-1, the last action repeated past the end
+            index = (torch.arange(length)[:, None] + torch.arange(action_chunk)[None]).clamp(max=length - 1)
+            images.append(torch.as_tensor(demo.images))
+            proprio.append(torch.as_tensor(demo.proprio, dtype=torch.float32))
+            actions.append(acts[index].reshape(length, -1))
+            text.append(torch.tensor(tokenizer.encode(demo.instruction)).expand(length, -1))
+        self.images = torch.cat(images)
+        self.proprio = torch.cat(proprio)
+        self.actions = torch.cat(actions)
+        self.text_ids = torch.cat(text)
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def batch(self, index: torch.Tensor):
+        return self.images[index], self.proprio[index], self.text_ids[index], self.actions[index]
+
+
+def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each uint8 image [B, S, S, 3] by up to `pixels` (edge-padded), a standard BC augmentation."""
+    if pixels <= 0:
+        return images
+    batch, size = images.shape[0], images.shape[1]
+    padded = F.pad(images.permute(0, 3, 1, 2).float(), (pixels,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * pixels + 1, (batch, 2), generator=generator)
+    shifted = torch.stack([padded[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(offsets.tolist())])
+    return shifted.permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def action_logits(model: VLAModel, images, proprio, text_ids, action_tokens) -> torch.Tensor:
+    """Teacher-forced logits [B, A, vocab] of the action tokens, computed as inference does."""
+    layout = model.layout
+    visual = model.encode_images(images[:, None])
+    embeds = model.prompt_embeddings(visual, text_ids, proprio)
+    backbone = model.language_model.model
+    if layout.parallel:
+        hidden = backbone(inputs_embeds=embeds).last_hidden_state[:, layout.action_span[0]:]
+    else:
+        previous_actions = model.language_model.get_input_embeddings()(action_tokens[:, :-1])
+        hidden = backbone(inputs_embeds=torch.cat([embeds, previous_actions], dim=1)).last_hidden_state
+        hidden = hidden[:, layout.seq_len - 1:]
+    return model.language_model.lm_head(hidden)
+
+
+@torch.no_grad()
+def evaluate_frames(model: VLAModel, frames: DemoFrames, batch_size: int = 64, limit: int = 2048) -> dict:
+    """Teacher-forced loss, token accuracy and L1 of the decoded actions on held-out frames."""
+    model.eval()
+    index = torch.linspace(0, len(frames) - 1, min(limit, len(frames))).long()
+    losses, correct, l1, count = 0.0, 0, 0.0, 0
+    for start in range(0, len(index), batch_size):
+        images, proprio, text_ids, actions = frames.batch(index[start:start + batch_size])
+        targets = model.actions_to_tokens(actions)
+        logits = action_logits(model, images, proprio, text_ids, targets)
+        losses += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        predicted = logits.argmax(-1)
+        correct += (predicted == targets).sum().item()
+        l1 += (model.tokens_to_actions(predicted) - actions).abs().sum().item()
+        count += targets.numel()
+    return {"val_loss": losses / count, "val_token_accuracy": correct / count, "val_action_l1": l1 / count}
+
+
+def split_demos(demos, val_per_task: int):
+    """Hold out the `val_per_task` highest-seed episodes of every task."""
+    by_task: dict[str, list] = {}
+    for demo in demos:
+        by_task.setdefault(demo.task, []).append(demo)
+    train, val = [], []
+    for task_demos in by_task.values():
+        task_demos.sort(key=lambda d: d.seed)
+        cut = len(task_demos) - val_per_task if len(task_demos) > val_per_task else len(task_demos)
+        train += task_demos[:cut]
+        val += task_demos[cut:]
+    return train, val
+
+
+def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    from kvla.data import load_demos
+    from kvla.sim import TASKS
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    demos = load_demos(cfg.data)
+    if not demos:
+        raise ValueError(f"{cfg.data} holds no demonstrations")
+    tokenizer = InstructionTokenizer.from_instructions(sorted(set(TASKS.values()) | {d.instruction for d in demos}))
+    train_demos, val_demos = split_demos(demos, cfg.val_episodes_per_task)
+    train_frames = DemoFrames(train_demos, tokenizer, cfg.action_chunk)
+    val_frames = DemoFrames(val_demos, tokenizer, cfg.action_chunk) if val_demos else None
+
+    state_path = out / "training_state.pt"
+    if resume and state_path.exists():
+        model = VLAModel.from_pretrained(out / "checkpoint")
+        tokenizer = InstructionTokenizer.load(out / "checkpoint")
+    else:
+        model = VLAModel(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / cfg.max_steps))))
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, best = 0, math.inf
+    if resume and state_path.exists():
+        saved = torch.load(state_path, weights_only=False)
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        generator.set_state(saved["generator"])
+        step, best = saved["step"], saved["best_val_loss"]
+
+    log_path = out / "log.jsonl"
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    started = time.monotonic()
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress)
+    metrics: dict = {}
+
+    def checkpoint(val: dict | None):
+        nonlocal best
+        model.save_pretrained(out / "checkpoint")
+        tokenizer.save(out / "checkpoint")
+        if val is not None and val["val_loss"] < best:
+            best = val["val_loss"]
+            model.save_pretrained(out / "best")
+            tokenizer.save(out / "best")
+        torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(), "step": step, "best_val_loss": best}, state_path)
+
+    running_loss, running_accuracy, since_log = 0.0, 0.0, 0
+    while step < cfg.max_steps:
+        index = torch.randint(0, len(train_frames), (cfg.batch_size,), generator=generator)
+        images, proprio, text_ids, actions = train_frames.batch(index)
+        images = random_shift(images, cfg.shift_pixels, generator)
+        targets = model.actions_to_tokens(actions)
+        logits = action_logits(model, images, proprio, text_ids, targets)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        bar.update(1)
+        running_loss += loss.item()
+        running_accuracy += (logits.argmax(-1) == targets).float().mean().item()
+        since_log += 1
+        timed_out = cfg.max_minutes and (time.monotonic() - started) / 60 >= cfg.max_minutes
+        if step % cfg.log_every == 0 or step % cfg.val_every == 0 or step == cfg.max_steps or timed_out:
+            metrics = {"step": step, "loss": running_loss / since_log, "token_accuracy": running_accuracy / since_log,
+                       "lr": schedule.get_last_lr()[0], "minutes": (time.monotonic() - started) / 60}
+            running_loss, running_accuracy, since_log = 0.0, 0.0, 0
+            val = None
+            if step % cfg.val_every == 0 or step == cfg.max_steps or timed_out:
+                val = evaluate_frames(model, val_frames) if val_frames is not None else None
+                metrics.update(val or {})
+                checkpoint(val)
+                model.train()
+            with log_path.open("a") as log:
+                log.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['token_accuracy']:.2f}")
+        if timed_out:
+            break
+    bar.close()
+    model.eval()
+    return metrics
