@@ -134,15 +134,9 @@ train_app = typer.Typer(help="Training.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
-def _mount_data_app():
-    try:
-        from kvla.data import data_app
-    except ImportError:  # the simulator extra is not installed
-        return
-    app.add_typer(data_app, name="data", help="Demonstrations: collect with the scripted experts.")
+from kvla.data import data_app  # noqa: E402 - metaworld and h5py are imported only when a command runs
 
-
-_mount_data_app()
+app.add_typer(data_app, name="data", help="Demonstrations: collect with the scripted experts.")
 
 
 @train_app.command("policy")
