@@ -8,6 +8,8 @@ COMPAT_VENV ?= .venv-tf517
 TORCH ?= torch==2.13.0
 
 .PHONY: install test test-compat demo bench clean
+CHECKPOINT ?= checkpoints/reference-vla
+DEMO_TASKS ?= reach-v3,drawer-close-v3,button-press-topdown-v3,window-close-v3
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +33,16 @@ test: $(VENV)/.installed $(COMPAT_VENV)/.installed
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_errors.py tests/test_flops.py
 
-# Until the closed-loop testbed lands: the latency comparison on the bundled MetaWorld frames.
+# The main job: a short closed-loop comparison of full and vla_cache with the committed reference VLA.
 demo: $(VENV)/.installed
+	$(VENV)/bin/kvla eval --checkpoint $(CHECKPOINT) --methods full,vla_cache --tasks $(DEMO_TASKS) \
+		--episodes 5 --workers 2 --json runs/demo_eval.json --plot runs/demo_eval.png
+
+# The latency comparison of the VLA-shaped presets on the bundled MetaWorld frames.
+bench: $(VENV)/.installed
 	$(VENV)/bin/kvla bench latency --preset small --steps 24 \
 		--methods full,vla_cache,vla_cache:top_k=256:schedule=none:relevance_rule=top_k:task_top_k=40,static,fastv \
-		--json runs/demo_latency.json
+		--json runs/bench_latency.json
 
 clean:
 	rm -rf $(VENV) $(COMPAT_VENV) runs

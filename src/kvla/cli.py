@@ -178,7 +178,7 @@ def eval_command(
     tasks: str = typer.Option("all", help="Comma-separated task names, or all."),
     episodes: int = typer.Option(20, help="Held-out episodes per task (seeds from --seed-start)."),
     seed_start: int = typer.Option(10_000, help="First evaluation seed (demonstrations use seeds from 0)."),
-    max_steps: int = typer.Option(150, help="Episode length limit."),
+    max_steps: int = typer.Option(200, help="Episode length limit (the demonstrations were collected within 200 steps)."),
     workers: int = typer.Option(2, help="Worker processes."),
     json_path: Path = typer.Option(None, "--json", help="Write one record per method (overall) and per task."),
     plot: Path = typer.Option(None, help="PNG: success against speed-up per method."),

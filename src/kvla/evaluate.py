@@ -102,7 +102,7 @@ def _run_job(job) -> list[EpisodeOutcome]:
 
 
 def run_closed_loop(checkpoint: str, method_specs: list[str], tasks: list[str], episodes_per_task: int,
-                    *, seed_start: int = EVAL_SEED_START, max_steps: int = 150, workers: int = 2,
+                    *, seed_start: int = EVAL_SEED_START, max_steps: int = 200, workers: int = 2,
                     progress: bool = True) -> list[list[EpisodeOutcome]]:
     """Every method on the same (task, seed) pairs; returns per job the outcomes of each method."""
     jobs = [(task, seed_start + i, max_steps) for i in range(episodes_per_task) for task in tasks]
