@@ -263,8 +263,9 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
     model, tokenizer = load_policy_checkpoint(checkpoint)
-    train_cfg = checkpoint.parent / "train_config.json"
-    held_out_per_task = json.loads(train_cfg.read_text())["val_episodes_per_task"] if train_cfg.exists() else 4
+    # the training run's own held-out episodes (its config is saved beside or inside the checkpoint)
+    train_cfgs = [p for p in (checkpoint / "train_config.json", checkpoint.parent / "train_config.json") if p.exists()]
+    held_out_per_task = json.loads(train_cfgs[0].read_text())["val_episodes_per_task"] if train_cfgs else 4
     _, held_out = split_demos([d for d in load_demos(data) if d.task in task_list], held_out_per_task)
     chosen: dict[str, list] = {}
     for demo in held_out:
