@@ -65,8 +65,7 @@ def register(cls: type[ReuseMethod]) -> type[ReuseMethod]:
     return cls
 
 
-def _coerce(value: str, annotation, field_name: str):
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing))  # noqa: S307 - field annotations only
+def _coerce(value: str, hint, field_name: str):
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if value.lower() == "none" and type(None) in typing.get_args(hint):
@@ -95,6 +94,7 @@ def parse_method(spec: str) -> ReuseMethod:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(sorted(METHODS))}")
     cls = METHODS[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)  # resolves the string annotations of `from __future__ import annotations`
     kwargs = {}
     for setting in settings:
         key, sep, value = setting.partition("=")
@@ -102,7 +102,7 @@ def parse_method(spec: str) -> ReuseMethod:
             raise ValueError(f"setting {setting!r} of method {name} must look like key=value")
         if key not in fields:
             raise ValueError(f"method {name} has no setting {key!r}; it has {', '.join(fields)}")
-        kwargs[key] = _coerce(value, fields[key].type, key)
+        kwargs[key] = _coerce(value, hints[key], key)
     return cls(**kwargs)
 
 
