@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvla.evaluate import paired_difference, summarise, wilson_interval, EpisodeOutcome
+from kvla.evaluate import EpisodeOutcome, episodes_as_json, paired_difference, summarise, wilson_interval
 from kvla.model import VLAModel
 from kvla.policy import CachedVLAPolicy
 from kvla.reference import InstructionTokenizer, reference_config
@@ -113,3 +113,7 @@ def test_short_closed_loop_end_to_end(tmp_path):
     for outcome in results[0]:
         assert outcome.steps == 4 and len(outcome.step_ms) == 4 and outcome.seed == 10_000
     assert results[0][0].reuse == [0.0] * 4
+    records = episodes_as_json(results)
+    assert [(r["method"], r["seed"], r["steps"]) for r in records] == [("full", 10_000, 4),
+                                                                        ("vla_cache:schedule=none", 10_000, 4)]
+    assert records[0]["reuse_ratio"] == 0.0 and records[0]["step_ms_median"] > 0

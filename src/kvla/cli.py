@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -181,6 +182,7 @@ def eval_command(
     max_steps: int = typer.Option(200, help="Episode length limit (the demonstrations were collected within 200 steps)."),
     workers: int = typer.Option(2, help="Worker processes."),
     json_path: Path = typer.Option(None, "--json", help="Write one record per method (overall) and per task."),
+    episodes_json: Path = typer.Option(None, "--episodes-json", help="Write one record per episode and method."),
     plot: Path = typer.Option(None, help="PNG: success against speed-up per method."),
     video: Path = typer.Option(None, help="GIF of one episode per method with the reused patches shaded (suffix added)."),
     fidelity: bool = typer.Option(False, help="Teacher-forced proxy on held-out demonstrations instead of closed loop."),
@@ -227,6 +229,10 @@ def eval_command(
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(evaluate.summaries_as_json(summaries), indent=2))
         console.print(f"wrote {json_path}")
+    if episodes_json:
+        episodes_json.parent.mkdir(parents=True, exist_ok=True)
+        episodes_json.write_text(json.dumps(evaluate.episodes_as_json(results), indent=1))
+        console.print(f"wrote {episodes_json}")
     if plot:
         plot.parent.mkdir(parents=True, exist_ok=True)
         evaluate.plot_success_vs_speedup(summaries, plot)
@@ -247,7 +253,9 @@ def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
         policy = CachedVLAPolicy(model, parse_method(spec))
         outcome, frames = evaluate.run_episode(policy, tokenizer.encode_batch([TASKS[task]]), task, seed,
                                                model.config.image_size, max_steps, record=True)
-        path = video.with_name(f"{video.stem}-{spec.split(':')[0]}{video.suffix or '.gif'}")
+        # the whole spec goes into the name: two settings of one method must not overwrite each other
+        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
+        path = video.with_name(f"{video.stem}-{name}{video.suffix or '.gif'}")
         evaluate.save_video(frames, path)
         console.print(f"wrote {path} ({task}, seed {seed}, success {outcome.success}, {outcome.steps} steps)")
 

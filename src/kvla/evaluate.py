@@ -179,6 +179,15 @@ def summaries_as_json(summaries: list[MethodSummary]) -> list[dict]:
     return [asdict(s) for s in summaries]
 
 
+def episodes_as_json(results: list[list[EpisodeOutcome]]) -> list[dict]:
+    """One record per episode and method, so paired analyses beyond ours can be run on the raw outcomes."""
+    return [{"method": o.method, "task": o.task, "seed": o.seed, "success": o.success, "steps": o.steps,
+             "step_ms_median": statistics.median(o.step_ms) if o.step_ms else None,
+             "prefill_ms_median": statistics.median(o.prefill_ms) if o.prefill_ms else None,
+             "reuse_ratio": statistics.fmean(o.reuse) if o.reuse else 0.0}
+            for job in results for o in job]
+
+
 def plot_success_vs_speedup(summaries: list[MethodSummary], path) -> None:
     import matplotlib
 
