@@ -47,6 +47,7 @@ def main(checkpoint: str = "checkpoints/reference-vla", tasks: str = "reach-v3,p
                     success |= step_success
                 hand = np.linalg.norm(np.asarray(raw.tcp_center) - target)
                 obj = np.linalg.norm(np.asarray(raw._get_pos_objects()[:3]) - target)
+                del raw  # a closed env collected while the next one is live blanks that one's frames
                 rows.append((seed, success, hand, obj, np.linalg.norm(start_hand - target),
                              np.linalg.norm(start_object - target)))
         print(f"\n{task}: seed, success, final hand-target m, final object-target m (start: hand, object)")

@@ -26,6 +26,20 @@ def test_different_seeds_different_initial_state():
     assert not np.allclose(a["state"], b["state"])
 
 
+def test_lost_gl_context_is_an_error_not_a_black_frame():
+    """A closed env collected while another is live blanks the live env's frames; that must raise."""
+    import gc
+
+    with SimEnv("reach-v3", 0, image_size=64) as first:
+        stale = first._live_env  # a reference kept past close, as a user's loop might
+    with SimEnv("reach-v3", 0, image_size=64) as second:
+        del stale
+        gc.collect()
+        with pytest.raises(RuntimeError, match="all-black frame"):
+            second.reset()
+    assert first_observation("reach-v3", 0)["image"].any()  # a fresh env renders again
+
+
 def test_expert_reaches_success():
     with SimEnv("reach-v3", 0, image_size=64, max_steps=150) as env:
         obs, success, done = env.reset(), False, False

@@ -159,6 +159,12 @@ class SimEnv:
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         self._viewer.make_context_current()  # in case another env rendered since
         image = self._env.render()[::-1, ::-1].copy()  # corner2 renders upside down
+        if not image.any():  # the scene is lit: an all-black frame means the GL context was lost
+            raise RuntimeError(
+                "MetaWorld rendered an all-black frame: the GL context was lost, most likely because an "
+                "earlier env was garbage-collected while this one was live. Keep no reference to an env "
+                "after closing it (SimEnv.close releases its own)."
+            )
         state = state.astype(np.float32)
         return {"image": image, "proprio": state[:4].copy(), "state": state}
 
