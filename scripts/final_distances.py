@@ -37,9 +37,9 @@ def main(checkpoint: str = "checkpoints/reference-vla", tasks: str = "reach-v3,p
             with SimEnv(task, seed, image_size=model.config.image_size, max_steps=max_steps) as env:
                 observation, done, success = env.reset(), False, False
                 raw = env._live_env
-                target = np.asarray(raw._target_pos, dtype=np.float64)
-                start_hand = np.asarray(raw.tcp_center, dtype=np.float64)
-                start_object = np.asarray(raw._get_pos_objects()[:3], dtype=np.float64)
+                target = np.array(raw._target_pos, dtype=np.float64)  # copies: mujoco hands out live views
+                start_hand = np.array(raw.tcp_center, dtype=np.float64)
+                start_object = np.array(raw._get_pos_objects()[:3], dtype=np.float64)
                 while not done:
                     out = policy.step(torch.from_numpy(observation["image"])[None], text_ids,
                                       torch.from_numpy(observation["proprio"])[None])
