@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import typer
 
-from kvla.evaluate import EVAL_SEED_START
+from kvla.testbed.evaluate import EVAL_SEED_START
 from kvla.methods import parse_method
 from kvla.policy import CachedVLAPolicy
-from kvla.reference import load_policy_checkpoint
-from kvla.sim import TASKS, SimEnv
+from kvla.model.reference import load_policy_checkpoint
+from kvla.testbed.sim import TASKS, SimEnv
 
 
 def main(checkpoint: str = "checkpoints/reference-vla", tasks: str = "reach-v3,push-v3,pick-place-v3",

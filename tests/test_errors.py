@@ -6,8 +6,8 @@ from transformers import Gemma2Config, Gemma2ForCausalLM
 
 from conftest import make_lm
 from kvla import EpisodeState, LayoutError, PartialPrefillEngine, PlanError, ReusePlan, TokenLayout
-from kvla.compat import UnsupportedModelError
-from kvla.model import ImageError, VLAModel
+from kvla.engine.compat import UnsupportedModelError
+from kvla.model.vla import ImageError, VLAModel
 from kvla.policy import CachedVLAPolicy
 
 LAYOUT = TokenLayout.single_prompt(num_visual=8, num_text=3)

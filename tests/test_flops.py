@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from kvla import EpisodeState, PartialPrefillEngine, ReusePlan
 from kvla.cli import app
-from kvla.flops import decoder_layer_macs, head_macs, plain_prefill_macs, step_flops, vision_macs
-from kvla.model import VLAModel, preset_config
+from kvla.measure.flops import decoder_layer_macs, head_macs, plain_prefill_macs, step_flops, vision_macs
+from kvla.model.vla import VLAModel, preset_config
 
 
 def _counted(fn) -> int:

@@ -8,7 +8,7 @@ import torch
 from kvla import EpisodeState, TokenLayout
 from kvla.methods import (FastV, PlanContext, StaticReuse, VLACache, code_reuse_ratios, method_label,
                           paper_reuse_ratios, parse_method)
-from kvla.model import VLAModel
+from kvla.model.vla import VLAModel
 from kvla.policy import CachedVLAPolicy
 
 LAYOUT = TokenLayout.single_prompt(num_visual=8, num_text=3)
@@ -141,7 +141,7 @@ def test_parse_method_and_label():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_every_method_runs_a_batch_of_two_over_real_frames(dtype):
-    from kvla.frames import load_frames
+    from kvla.measure.frames import load_frames
 
     frames = load_frames().frames[:4]
     model = VLAModel.from_preset("tiny").to(dtype)

@@ -4,8 +4,8 @@ import pytest
 pytest.importorskip("metaworld")
 pytest.importorskip("h5py")
 
-from kvla.data import collect, demo_index, load_demos  # noqa: E402
-from kvla.sim import SimEnv, expert_action  # noqa: E402
+from kvla.testbed.data import collect, demo_index, load_demos  # noqa: E402
+from kvla.testbed.sim import SimEnv, expert_action  # noqa: E402
 
 
 def first_observation(task: str, seed: int) -> dict[str, np.ndarray]:

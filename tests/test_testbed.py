@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvla.evaluate import EpisodeOutcome, episodes_as_json, paired_difference, summarise, wilson_interval
-from kvla.model import VLAModel
+from kvla.testbed.evaluate import EpisodeOutcome, episodes_as_json, paired_difference, summarise, wilson_interval
+from kvla.model.vla import VLAModel
 from kvla.policy import CachedVLAPolicy
-from kvla.reference import InstructionTokenizer, reference_config
-from kvla.train import DemoFrames, action_logits, split_demos
+from kvla.model.reference import InstructionTokenizer, reference_config
+from kvla.testbed.train import DemoFrames, action_logits, split_demos
 
 INSTRUCTIONS = ["push the puck to the goal", "open the drawer"]
 
@@ -102,7 +102,7 @@ def test_summary_pairs_by_job():
 def test_short_closed_loop_end_to_end(tmp_path):
     """A tiny model in the real simulator for a few steps: catches a broken simulator install."""
     pytest.importorskip("metaworld")
-    from kvla.evaluate import run_closed_loop
+    from kvla.testbed.evaluate import run_closed_loop
 
     model, tokenizer = _tiny_reference()
     model.save_pretrained(tmp_path)

@@ -42,9 +42,9 @@ def bench_latency(
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ):
     """Median step and prefill latency of each method over the same frames, interleaved."""
-    from kvla.bench import records_as_json, run_latency
-    from kvla.frames import load_frames
-    from kvla.model import PRESETS, VLAModel
+    from kvla.measure.latency import records_as_json, run_latency
+    from kvla.measure.frames import load_frames
+    from kvla.model.vla import PRESETS, VLAModel
 
     if dtype not in _DTYPES:
         raise typer.BadParameter(f"dtype must be one of {', '.join(_DTYPES)}", param_hint="--dtype")
@@ -86,8 +86,8 @@ def bench_flops(
     json_path: Path = typer.Option(None, "--json", help="Write prefill_flops and prefill_macs here."),
 ):
     """Decoder-prefill FLOPs of the preset's language model for an N-token prompt (no head)."""
-    from kvla.flops import plain_prefill_macs
-    from kvla.model import preset_config
+    from kvla.measure.flops import plain_prefill_macs
+    from kvla.model.vla import preset_config
 
     if prompt_tokens < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--prompt-tokens")
@@ -118,7 +118,7 @@ def list_methods():
 @app.command("presets")
 def list_presets():
     """The model presets."""
-    from kvla.model import PRESETS
+    from kvla.model.vla import PRESETS
 
     for name, cfg in PRESETS.items():
         console.print(f"[bold]{name}[/bold]: {cfg.family} decoder {cfg.num_layers}x{cfg.hidden_size}, "
@@ -135,7 +135,7 @@ train_app = typer.Typer(help="Training.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
 
-from kvla.data import data_app  # noqa: E402 - metaworld and h5py are imported only when a command runs
+from kvla.testbed.data import data_app  # noqa: E402 - metaworld and h5py are imported only when a command runs
 
 app.add_typer(data_app, name="data", help="Demonstrations: collect with the scripted experts.")
 
@@ -144,8 +144,12 @@ app.add_typer(data_app, name="data", help="Demonstrations: collect with the scri
 def train_policy_command(
     data: Path = typer.Option(Path("data/metaworld_mt10.hdf5"), help="Demonstrations (HDF5, robomimic layout)."),
     out: Path = typer.Option(Path("runs/policy"), help="Output directory: checkpoint/, best/, log.jsonl."),
-    parallel: bool = typer.Option(False, help="OpenVLA-OFT style: all action positions in one pass."),
-    action_chunk: int = typer.Option(1, help="Future steps per prediction (needs --parallel)."),
+    parallel: bool = typer.Option(True, help="OpenVLA-OFT style: all action positions in one pass "
+                                              "(--no-parallel: OpenVLA-style autoregressive)."),
+    action_chunk: int = typer.Option(4, help="Future steps per prediction (needs --parallel)."),
+    layers: int = typer.Option(8, help="Decoder layers."),
+    cameras: str = typer.Option("", help="Comma-separated cameras of the data to train on (default: all recorded)."),
+    mixed_precision: str = typer.Option("bf16", help="no, bf16 or fp16 (accelerate)."),
     batch_size: int = typer.Option(16),
     lr: float = typer.Option(3e-4),
     max_steps: int = typer.Option(20000),
@@ -157,7 +161,7 @@ def train_policy_command(
     progress: bool = typer.Option(True),
 ):
     """Behaviour cloning of the reference VLA on the demonstrations, with held-out validation episodes."""
-    from kvla.train import TrainConfig, train_policy
+    from kvla.testbed.train import TrainConfig, train_policy
 
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist: run `kvla data collect` first", param_hint="--data")
@@ -165,8 +169,11 @@ def train_policy_command(
         raise typer.BadParameter("action chunks need --parallel", param_hint="--action-chunk")
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig(data=str(data), out=str(out), parallel=parallel, action_chunk=action_chunk,
-                      batch_size=batch_size, lr=lr, max_steps=max_steps, max_minutes=max_minutes,
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise typer.BadParameter("choose no, bf16 or fp16", param_hint="--mixed-precision")
+    cfg = TrainConfig(data=str(data), out=str(out), parallel=parallel, action_chunk=action_chunk, layers=layers,
+                      cameras=tuple(c.strip() for c in cameras.split(",") if c.strip()),
+                      mixed_precision=mixed_precision, batch_size=batch_size, lr=lr, max_steps=max_steps, max_minutes=max_minutes,
                       val_every=val_every, seed=seed)
     metrics = train_policy(cfg, resume=resume, progress=progress)
     console.print(f"final: {json.dumps(metrics)}")
@@ -191,8 +198,8 @@ def eval_command(
     progress: bool = typer.Option(True),
 ):
     """Closed-loop success, paired across methods by seed; or --fidelity on demonstration frames."""
-    from kvla import evaluate
-    from kvla.sim import TASKS
+    from kvla.testbed import evaluate
+    from kvla.testbed.sim import TASKS
 
     specs = [s for s in methods.split(",") if s.strip()]
     try:
@@ -242,10 +249,10 @@ def eval_command(
 
 
 def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
-    from kvla import evaluate
+    from kvla.testbed import evaluate
     from kvla.policy import CachedVLAPolicy
-    from kvla.reference import load_policy_checkpoint
-    from kvla.sim import TASKS
+    from kvla.model.reference import load_policy_checkpoint
+    from kvla.testbed.sim import TASKS
 
     model, tokenizer = load_policy_checkpoint(checkpoint)
     video.parent.mkdir(parents=True, exist_ok=True)
@@ -263,10 +270,10 @@ def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
 def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: int, json_path, progress):
     from dataclasses import asdict
 
-    from kvla import evaluate
-    from kvla.data import load_demos
-    from kvla.reference import load_policy_checkpoint
-    from kvla.train import split_demos
+    from kvla.testbed import evaluate
+    from kvla.testbed.data import load_demos
+    from kvla.model.reference import load_policy_checkpoint
+    from kvla.testbed.train import split_demos
 
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="--data")

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvla.engine import PartialPrefillEngine
+from kvla.engine.prefill import PartialPrefillEngine
 from kvla.methods import PlanContext, ReuseMethod, parse_method
-from kvla.model import VLAModel
-from kvla.state import EpisodeState
+from kvla.model.vla import VLAModel
+from kvla.engine.state import EpisodeState
 
 
 @dataclass

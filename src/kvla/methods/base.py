@@ -9,9 +9,9 @@ from typing import ClassVar
 
 import torch
 
-from kvla.layout import TokenLayout
-from kvla.plan import ReusePlan
-from kvla.state import EpisodeState
+from kvla.engine.layout import TokenLayout
+from kvla.engine.plan import ReusePlan
+from kvla.engine.state import EpisodeState
 
 
 @dataclass

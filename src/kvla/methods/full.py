@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kvla.methods.base import PlanContext, ReuseMethod, register
-from kvla.plan import ReusePlan
+from kvla.engine.plan import ReusePlan
 
 
 @register

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from kvla.methods.base import PlanContext, ReuseMethod, register
-from kvla.plan import ReusePlan
+from kvla.engine.plan import ReusePlan
 
 
 @register

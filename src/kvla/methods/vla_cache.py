@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from kvla.methods.base import PlanContext, ReuseMethod, register
-from kvla.plan import ReusePlan
+from kvla.engine.plan import ReusePlan
 
 _OFFICIAL_CODE_LAYERS_OF_32 = (2, 6, 9, 11)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from kvla.flops import step_flops
+from kvla.measure.flops import step_flops
 from kvla.methods import method_label, parse_method
 from kvla.policy import CachedVLAPolicy
 
@@ -43,7 +43,7 @@ def shade_reused(image: np.ndarray, visual_depth: torch.Tensor, num_layers: int,
 def run_episode(policy: CachedVLAPolicy, text_ids: torch.Tensor, task: str, seed: int, image_size: int,
                 max_steps: int, record: bool = False):
     """One closed-loop episode; returns (outcome, frames with reused patches shaded if record)."""
-    from kvla.sim import SimEnv
+    from kvla.testbed.sim import SimEnv
 
     model = policy.model
     cfg, layers = model.config, policy.engine.num_layers
@@ -78,7 +78,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(checkpoint: str, method_specs: list[str], threads: int):
-    from kvla.reference import load_policy_checkpoint
+    from kvla.model.reference import load_policy_checkpoint
 
     torch.set_num_threads(threads)
     model, tokenizer = load_policy_checkpoint(checkpoint)
@@ -88,7 +88,7 @@ def _init_worker(checkpoint: str, method_specs: list[str], threads: int):
 
 def _run_job(job) -> list[EpisodeOutcome]:
     """All methods on one (task, seed), methods in an order rotated by the seed (interleaving)."""
-    from kvla.sim import TASKS
+    from kvla.testbed.sim import TASKS
 
     task, seed, max_steps = job
     policies = _WORKER["policies"]

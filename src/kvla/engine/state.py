@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
-from kvla.layout import TokenLayout
+from kvla.engine.layout import TokenLayout
 
 
 class EpisodeState:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from kvla.layout import TokenLayout
+from kvla.engine.layout import TokenLayout
 
 ACTION_BINS = 256
 BOS_TOKEN_ID = 1

@@ -12,16 +12,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kvla.model import VLAModel
-from kvla.reference import InstructionTokenizer, reference_config
+from kvla.model.vla import VLAModel
+from kvla.model.reference import InstructionTokenizer, reference_config
 
 
 @dataclass
 class TrainConfig:
     data: str
     out: str
-    parallel: bool = False  # OFT-style: all action positions in one pass
-    action_chunk: int = 1  # future steps predicted at once (needs parallel)
+    parallel: bool = True  # OFT-style: all action positions in one pass
+    action_chunk: int = 4  # future steps predicted at once (needs parallel)
+    layers: int = 8  # decoder layers
+    cameras: tuple[str, ...] = ()  # cameras of the data file to train on; () = all it recorded
+    mixed_precision: str = "bf16"  # accelerate's setting: "no", "bf16" (CPU with AVX512-BF16, GPU) or "fp16"
     batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -36,23 +39,40 @@ class TrainConfig:
 
 
 class DemoFrames:
-    """All frames of a set of demonstrations in memory, with their action (chunk) targets."""
+    """All frames of a set of demonstrations in memory, with their action (chunk) targets.
 
-    def __init__(self, demos, tokenizer: InstructionTokenizer, action_chunk: int):
-        images, proprio, actions, text = [], [], [], []
+    Filled demo by demo into preallocated tensors, so the frames are held once (two cameras of
+    85k frames at 128 px are 8 GB of uint8).
+    """
+
+    def __init__(self, demos, tokenizer: InstructionTokenizer, action_chunk: int, total_frames: int | None = None):
+        demos = demos if total_frames is not None else list(demos)
+        total = total_frames if total_frames is not None else sum(len(d.actions) for d in demos)
+        self.images = self.proprio = self.actions = self.text_ids = None
+        offset = 0
         for demo in demos:
             length = len(demo.actions)
             acts = torch.as_tensor(demo.actions, dtype=torch.float32).clamp(-1, 1)
             # chunk t = actions t .. t+K-1, the last action repeated past the end
             index = (torch.arange(length)[:, None] + torch.arange(action_chunk)[None]).clamp(max=length - 1)
-            images.append(torch.as_tensor(demo.images))
-            proprio.append(torch.as_tensor(demo.proprio, dtype=torch.float32))
-            actions.append(acts[index].reshape(length, -1))
-            text.append(torch.tensor(tokenizer.encode(demo.instruction)).expand(length, -1))
-        self.images = torch.cat(images)
-        self.proprio = torch.cat(proprio)
-        self.actions = torch.cat(actions)
-        self.text_ids = torch.cat(text)
+            images = torch.as_tensor(demo.images)
+            if images.dim() == 4:  # [T, S, S, 3]: one camera
+                images = images[:, None]
+            text = torch.tensor(tokenizer.encode(demo.instruction))
+            if self.images is None:
+                self.images = torch.empty((total, *images.shape[1:]), dtype=torch.uint8)
+                self.proprio = torch.empty((total, demo.proprio.shape[-1]), dtype=torch.float32)
+                self.actions = torch.empty((total, action_chunk * acts.shape[-1]), dtype=torch.float32)
+                self.text_ids = torch.empty((total, len(text)), dtype=torch.long)
+            if offset + length > total:
+                raise ValueError(f"demonstrations hold more than the {total} frames announced")
+            self.images[offset:offset + length] = images
+            self.proprio[offset:offset + length] = torch.as_tensor(demo.proprio, dtype=torch.float32)
+            self.actions[offset:offset + length] = acts[index].reshape(length, -1)
+            self.text_ids[offset:offset + length] = text
+            offset += length
+        if offset != total or self.images is None:
+            raise ValueError(f"demonstrations hold {offset} frames, {total} were announced")
 
     def __len__(self) -> int:
         return len(self.actions)
@@ -62,20 +82,24 @@ class DemoFrames:
 
 
 def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each uint8 image [B, S, S, 3] by up to `pixels` (edge-padded), a standard BC augmentation."""
+    """Shift each uint8 image [..., S, S, 3] by up to `pixels` (edge-padded), a standard BC augmentation.
+
+    Every image (each camera of each sample) gets its own shift.
+    """
     if pixels <= 0:
         return images
-    batch, size = images.shape[0], images.shape[1]
-    padded = F.pad(images.permute(0, 3, 1, 2).float(), (pixels,) * 4, mode="replicate")
-    offsets = torch.randint(0, 2 * pixels + 1, (batch, 2), generator=generator)
+    lead, size = images.shape[:-3], images.shape[-3]
+    flat = images.reshape(-1, *images.shape[-3:])
+    padded = F.pad(flat.permute(0, 3, 1, 2).float(), (pixels,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * pixels + 1, (flat.shape[0], 2), generator=generator)
     shifted = torch.stack([padded[i, :, y:y + size, x:x + size] for i, (y, x) in enumerate(offsets.tolist())])
-    return shifted.permute(0, 2, 3, 1).to(torch.uint8)
+    return shifted.permute(0, 2, 3, 1).to(torch.uint8).reshape(*lead, *images.shape[-3:])
 
 
 def action_logits(model: VLAModel, images, proprio, text_ids, action_tokens) -> torch.Tensor:
     """Teacher-forced logits [B, A, vocab] of the action tokens, computed as inference does."""
     layout = model.layout
-    visual = model.encode_images(images[:, None])
+    visual = model.encode_images(images if images.dim() == 5 else images[:, None])
     embeds = model.prompt_embeddings(visual, text_ids, proprio)
     backbone = model.language_model.model
     if layout.parallel:
@@ -91,10 +115,11 @@ def action_logits(model: VLAModel, images, proprio, text_ids, action_tokens) -> 
 def evaluate_frames(model: VLAModel, frames: DemoFrames, batch_size: int = 64, limit: int = 2048) -> dict:
     """Teacher-forced loss, token accuracy and L1 of the decoded actions on held-out frames."""
     model.eval()
+    device = model.projector[0].weight.device
     index = torch.linspace(0, len(frames) - 1, min(limit, len(frames))).long()
     losses, correct, l1, count = 0.0, 0, 0.0, 0
     for start in range(0, len(index), batch_size):
-        images, proprio, text_ids, actions = frames.batch(index[start:start + batch_size])
+        images, proprio, text_ids, actions = (t.to(device) for t in frames.batch(index[start:start + batch_size]))
         targets = model.actions_to_tokens(actions)
         logits = action_logits(model, images, proprio, text_ids, targets)
         losses += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
@@ -119,29 +144,64 @@ def split_demos(demos, val_per_task: int):
     return train, val
 
 
+def _iter_demos(path, infos, cameras):
+    """The demos named by `infos`, read one at a time (frames of `cameras`)."""
+    import h5py
+    import numpy as np
+
+    from kvla.testbed.data import CAMERA_KEYS, Demo
+
+    with h5py.File(path, "r") as f:
+        for info in infos:
+            g = f["data"][info.name]
+            images = np.stack([g[f"obs/{CAMERA_KEYS[c]}"][()] for c in cameras], axis=1)
+            yield Demo(info.task, info.instruction, info.seed, images, g["obs/proprio"][()], g["actions"][()])
+
+
+def save_observation_spec(directory, cameras: tuple[str, ...], image_size: int) -> None:
+    """sim.json: which simulator cameras, in which order, the checkpoint's visual tokens come from."""
+    Path(directory, "sim.json").write_text(json.dumps({"cameras": list(cameras), "image_size": image_size}))
+
+
 def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    from kvla.data import load_demos
-    from kvla.sim import TASKS
+    from accelerate import Accelerator
+
+    from kvla.testbed.data import demo_cameras, demo_index
+    from kvla.testbed.sim import TASKS
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    demos = load_demos(cfg.data)
-    if not demos:
+    infos = demo_index(cfg.data)
+    if not infos:
         raise ValueError(f"{cfg.data} holds no demonstrations")
-    tokenizer = InstructionTokenizer.from_instructions(sorted(set(TASKS.values()) | {d.instruction for d in demos}))
-    train_demos, val_demos = split_demos(demos, cfg.val_episodes_per_task)
-    train_frames = DemoFrames(train_demos, tokenizer, cfg.action_chunk)
-    val_frames = DemoFrames(val_demos, tokenizer, cfg.action_chunk) if val_demos else None
+    recorded = demo_cameras(cfg.data)
+    cameras = tuple(cfg.cameras) or recorded
+    if missing := [c for c in cameras if c not in recorded]:
+        raise ValueError(f"{cfg.data} has no frames from camera(s) {', '.join(missing)}; it recorded {', '.join(recorded)}")
+    tokenizer = InstructionTokenizer.from_instructions(sorted(set(TASKS.values()) | {d.instruction for d in infos}))
+    train_infos, val_infos = split_demos(infos, cfg.val_episodes_per_task)
+
+    def frames_of(selected):
+        return DemoFrames(_iter_demos(cfg.data, selected, cameras), tokenizer, cfg.action_chunk,
+                          total_frames=sum(i.length for i in selected))
+
+    train_frames = frames_of(train_infos)
+    val_frames = frames_of(val_infos) if val_infos else None
+    image_size = train_frames.images.shape[-2]
 
     state_path = out / "training_state.pt"
     if resume and state_path.exists():
         model = VLAModel.from_pretrained(out / "checkpoint")
         tokenizer = InstructionTokenizer.load(out / "checkpoint")
     else:
-        model = VLAModel(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk))
-    model.train()
+        model = VLAModel(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk,
+                                          num_layers=cfg.layers, num_cameras=len(cameras), image_size=image_size))
+    # accelerate owns device placement and mixed precision (bf16 autocast on this CPU, AMP on a GPU)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.max_steps))))
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -161,12 +221,13 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
 
     def checkpoint(val: dict | None):
         nonlocal best
-        model.save_pretrained(out / "checkpoint")
-        tokenizer.save(out / "checkpoint")
+        plain = accelerator.unwrap_model(model)
+        for directory in [out / "checkpoint"] + ([out / "best"] if val is not None and val["val_loss"] < best else []):
+            plain.save_pretrained(directory)
+            tokenizer.save(directory)
+            save_observation_spec(directory, cameras, image_size)
         if val is not None and val["val_loss"] < best:
             best = val["val_loss"]
-            model.save_pretrained(out / "best")
-            tokenizer.save(out / "best")
         torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                     "generator": generator.get_state(), "step": step, "best_val_loss": best}, state_path)
 
@@ -175,12 +236,14 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         index = torch.randint(0, len(train_frames), (cfg.batch_size,), generator=generator)
         images, proprio, text_ids, actions = train_frames.batch(index)
         images = random_shift(images, cfg.shift_pixels, generator)
-        targets = model.actions_to_tokens(actions)
-        logits = action_logits(model, images, proprio, text_ids, targets)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        plain = accelerator.unwrap_model(model)
+        targets = plain.actions_to_tokens(actions).to(accelerator.device)
+        with accelerator.autocast():
+            logits = action_logits(plain, images, proprio.to(accelerator.device), text_ids.to(accelerator.device), targets)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         step += 1
@@ -195,7 +258,8 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
             running_loss, running_accuracy, since_log = 0.0, 0.0, 0
             val = None
             if step % cfg.val_every == 0 or step == cfg.max_steps or timed_out:
-                val = evaluate_frames(model, val_frames) if val_frames is not None else None
+                # validated in float32, as the policy runs at inference
+                val = evaluate_frames(plain, val_frames) if val_frames is not None else None
                 metrics.update(val or {})
                 checkpoint(val)
                 model.train()

@@ -9,6 +9,8 @@ silently computing something else.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -111,15 +113,29 @@ def make_cache(layers: list[DynamicLayer]) -> Cache:
     return Cache(layers=layers)
 
 
+@functools.cache
+def cache_argument_name(layer_class: type) -> str:
+    """The keyword a decoder layer takes its Cache by: `cache` from transformers 5.24 on (where
+    `past_key_values` is deprecated, to be removed in 5.40), `past_key_values` before."""
+    parameters = inspect.signature(layer_class.forward).parameters  # follows the deprecation wrapper
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise UnsupportedModelError(
+        f"{layer_class.__name__}.forward takes neither `cache` nor `past_key_values` "
+        f"(transformers {transformers.__version__}); kvla cannot hand it its KV cache"
+    )
+
+
 def call_decoder_layer(layer, hidden_states, attention_mask, position_ids, cache, position_embeddings):
     """One decoder layer of the model, exactly as the model's own forward calls it."""
     return layer(
         hidden_states,
         attention_mask=attention_mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=True,
         position_embeddings=position_embeddings,
+        **{cache_argument_name(type(layer)): cache},
     )
 
 

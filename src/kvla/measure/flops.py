@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvla.layout import TokenLayout
-from kvla.model import VLAConfig
+from kvla.engine.layout import TokenLayout
+from kvla.model.vla import VLAConfig
 
 
 def decoder_layer_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:

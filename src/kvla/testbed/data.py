@@ -3,7 +3,8 @@
 Layout: file attrs ``env_name``, ``image_size``, ``tasks``, ``kvla_version`` (and how it was
 collected); group ``data`` (attr ``total``: frames) holding ``demo_{i}`` groups with attrs
 ``num_samples``, ``task``, ``instruction``, ``seed``, ``success`` and datasets ``actions``
-float32 [T,4], ``obs/agentview_rgb`` uint8 [T,S,S,3], ``obs/proprio`` float32 [T,4],
+float32 [T,4], ``obs/agentview_rgb`` uint8 [T,S,S,3] (corner2), with ``--wrist`` also
+``obs/eye_in_hand_rgb`` uint8 [T,S,S,3] (the gripper camera), ``obs/proprio`` float32 [T,4],
 ``obs/state`` float32 [T,39], ``dones`` uint8 [T], ``rewards`` float32 [T]. ``actions[t]`` is
 the expert's action at the state shown in frame t; ``rewards[t]`` is 1 where that action
 reached success; ``dones`` marks the last step.
@@ -24,10 +25,12 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from kvla.sim import TASKS, SimEnv, ensure_rendering, expert_action
+from kvla.testbed.sim import CAMERA, TASKS, WRIST_CAMERA, SimEnv, ensure_rendering, expert_action
 
 ENV_NAME = "metaworld-v3"
 SETTLE_STEPS = 10  # steps recorded after the first success, to show a settled end
+# robomimic/LIBERO observation keys of the cameras kvla records
+CAMERA_KEYS = {CAMERA: "agentview_rgb", WRIST_CAMERA: "eye_in_hand_rgb"}
 
 
 @dataclass
@@ -35,7 +38,7 @@ class Demo:
     task: str
     instruction: str
     seed: int
-    images: np.ndarray  # uint8 [T,S,S,3]
+    images: np.ndarray  # uint8 [T,C,S,S,3], cameras in the file's `cameras` order
     proprio: np.ndarray  # float32 [T,4]
     actions: np.ndarray  # float32 [T,4]
 
@@ -49,15 +52,16 @@ class DemoInfo:
     length: int
 
 
-def run_expert_episode(task: str, seed: int, image_size: int, max_steps: int) -> dict[str, Any]:
+def run_expert_episode(task: str, seed: int, image_size: int, max_steps: int,
+                       cameras: tuple[str, ...] = (CAMERA,)) -> dict[str, Any]:
     """One expert episode; the recording (frames up to SETTLE_STEPS after success) only if it succeeds."""
     images, proprio, states, actions, rewards = [], [], [], [], []
     first_success = None
-    with SimEnv(task, seed, image_size, max_steps=max_steps + SETTLE_STEPS) as env:
+    with SimEnv(task, seed, image_size, max_steps=max_steps + SETTLE_STEPS, cameras=cameras) as env:
         obs = env.reset()
         for step in range(max_steps + SETTLE_STEPS):
             action = expert_action(task, obs["state"])
-            images.append(obs["image"])
+            images.append(obs["images"])
             proprio.append(obs["proprio"])
             states.append(obs["state"])
             actions.append(action)
@@ -69,7 +73,7 @@ def run_expert_episode(task: str, seed: int, image_size: int, max_steps: int) ->
                 break
             if first_success is not None and step >= first_success + SETTLE_STEPS:
                 break
-    result: dict[str, Any] = {"task": task, "seed": seed, "success": first_success is not None}
+    result: dict[str, Any] = {"task": task, "seed": seed, "success": first_success is not None, "cameras": cameras}
     if result["success"]:
         dones = np.zeros(len(actions), np.uint8)
         dones[-1] = 1
@@ -78,17 +82,19 @@ def run_expert_episode(task: str, seed: int, image_size: int, max_steps: int) ->
     return result
 
 
-def _run_job(job: tuple[str, int, int, int]) -> dict[str, Any]:
+def _run_job(job: tuple) -> dict[str, Any]:
     return run_expert_episode(*job)
 
 
 def _write_episode(f, key: str, ep: dict[str, Any]) -> None:
     demo = f.create_group(key)
-    size = ep["images"].shape[1]
+    size = ep["images"].shape[2]
     demo.attrs.update(num_samples=len(ep["actions"]), task=ep["task"], instruction=TASKS[ep["task"]],
                       seed=ep["seed"], success=True)
     demo.create_dataset("actions", data=ep["actions"])
-    demo.create_dataset("obs/agentview_rgb", data=ep["images"], chunks=(1, size, size, 3), compression="gzip")
+    for camera_index, camera in enumerate(ep["cameras"]):
+        demo.create_dataset(f"obs/{CAMERA_KEYS[camera]}", data=ep["images"][:, camera_index],
+                            chunks=(1, size, size, 3), compression="gzip")
     demo.create_dataset("obs/proprio", data=ep["proprio"])
     demo.create_dataset("obs/state", data=ep["states"])
     demo.create_dataset("dones", data=ep["dones"])
@@ -97,7 +103,7 @@ def _write_episode(f, key: str, ep: dict[str, Any]) -> None:
 
 def collect(out_path: str | Path, tasks: list[str] | None = None, episodes_per_task: int = 40, seed_start: int = 0,
             image_size: int = 128, max_steps: int = 200, workers: int = 2, progress: bool = True,
-            max_attempts: int | None = None) -> dict[str, dict[str, float]]:
+            max_attempts: int | None = None, cameras: tuple[str, ...] = (CAMERA,)) -> dict[str, dict[str, float]]:
     """Record ``episodes_per_task`` successful expert episodes per task into an HDF5 file.
 
     Seeds are tried in order from ``seed_start`` and an episode is kept only if the expert
@@ -113,6 +119,9 @@ def collect(out_path: str | Path, tasks: list[str] | None = None, episodes_per_t
     for task in tasks:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    unknown_cameras = [c for c in cameras if c not in CAMERA_KEYS]
+    if unknown_cameras or not cameras:
+        raise ValueError(f"cameras must be some of {', '.join(CAMERA_KEYS)}; got {', '.join(cameras) or 'none'}")
     max_attempts = 2 * episodes_per_task + 10 if max_attempts is None else max_attempts
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +141,8 @@ def collect(out_path: str | Path, tasks: list[str] | None = None, episodes_per_t
                 jobs = []
                 for task in tasks:
                     wanted = min(episodes_per_task - len(kept[task]), max_attempts - attempts[task])
-                    jobs += [(task, seed_start + attempts[task] + i, image_size, max_steps) for i in range(wanted)]
+                    jobs += [(task, seed_start + attempts[task] + i, image_size, max_steps, tuple(cameras))
+                             for i in range(wanted)]
                     attempts[task] += wanted
                 if not jobs:
                     break
@@ -156,6 +166,7 @@ def collect(out_path: str | Path, tasks: list[str] | None = None, episodes_per_t
                 del f["pending"]
             data.attrs["total"] = total
             f.attrs.update(env_name=ENV_NAME, image_size=image_size, tasks=tasks, kvla_version=__version__,
+                           cameras=list(cameras),
                            instructions=json.dumps({t: TASKS[t] for t in tasks}), seed_start=seed_start,
                            max_steps=max_steps, settle_steps=SETTLE_STEPS, attempts=json.dumps(attempts))
         os.replace(partial, out_path)
@@ -183,16 +194,30 @@ def demo_index(path: str | Path) -> list[DemoInfo]:
         return index
 
 
-def load_demos(path: str | Path) -> list[Demo]:
-    """All demos of a file, frames included."""
+def demo_cameras(path: str | Path) -> tuple[str, ...]:
+    """The cameras a demonstration file recorded, in order (files before the attribute: corner2)."""
     import h5py
 
+    with h5py.File(path, "r") as f:
+        return tuple(str(c) for c in f.attrs.get("cameras", [CAMERA]))
+
+
+def load_demos(path: str | Path, cameras: tuple[str, ...] | None = None) -> list[Demo]:
+    """All demos of a file, frames included: images [T, C, S, S, 3] of `cameras` (default: all recorded)."""
+    import h5py
+
+    recorded = demo_cameras(path)
+    cameras = recorded if cameras is None else tuple(cameras)
+    missing = [c for c in cameras if c not in recorded]
+    if missing:
+        raise ValueError(f"{path} has no frames from camera(s) {', '.join(missing)}; it recorded {', '.join(recorded)}")
     with h5py.File(path, "r") as f:
         demos = []
         for name in _demo_keys(f["data"]):
             g = f["data"][name]
+            images = np.stack([g[f"obs/{CAMERA_KEYS[c]}"][()] for c in cameras], axis=1)
             demos.append(Demo(str(g.attrs["task"]), str(g.attrs["instruction"]), int(g.attrs["seed"]),
-                              g["obs/agentview_rgb"][()], g["obs/proprio"][()], g["actions"][()]))
+                              images, g["obs/proprio"][()], g["actions"][()]))
         return demos
 
 
@@ -213,6 +238,7 @@ def collect_command(
     image_size: int = typer.Option(128, help="Square image side in pixels."),
     max_steps: int = typer.Option(200, help="Steps the expert gets to succeed."),
     workers: int = typer.Option(2, help="Worker processes."),
+    wrist: bool = typer.Option(False, help="Also record the gripper camera (obs/eye_in_hand_rgb)."),
 ):
     """Run the scripted experts and keep the successful episodes."""
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -220,7 +246,8 @@ def collect_command(
     if unknown:
         raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}",
                                  param_hint="--tasks")
-    stats = collect(out, names, episodes, seed_start, image_size, max_steps, workers)
+    cameras = (CAMERA, WRIST_CAMERA) if wrist else (CAMERA,)
+    stats = collect(out, names, episodes, seed_start, image_size, max_steps, workers, cameras=cameras)
     table = Table("task", "attempts", "successes", "mean length")
     for task, s in stats.items():
         table.add_row(task, str(s["attempts"]), str(s["successes"]), f"{s['mean_length']:.1f}")

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvla.flops import cache_slots, kv_bytes, step_flops
-from kvla.frames import Episode
+from kvla.measure.flops import cache_slots, kv_bytes, step_flops
+from kvla.measure.frames import Episode
 from kvla.methods import method_label, parse_method
-from kvla.model import VLAModel
+from kvla.model.vla import VLAModel
 from kvla.policy import CachedVLAPolicy
 
 

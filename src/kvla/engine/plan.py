@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvla.layout import TokenLayout
+from kvla.engine.layout import TokenLayout
 
 
 class PlanError(ValueError):

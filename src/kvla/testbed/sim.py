@@ -7,12 +7,14 @@ this module is cheap and works without the ``sim`` extra installed.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import warnings
 from typing import Any
 
@@ -33,8 +35,12 @@ TASKS: dict[str, str] = {
 }
 
 GL_PACKAGES = ("libegl1", "libgl1-mesa-dri", "libosmesa6")
-CAMERA = "corner2"
+CAMERA = "corner2"  # the third-person camera (agentview)
 CAMERA_POS = (0.75, 0.075, 0.7)  # corner2 moved closer: objects are tiny at 128 px otherwise
+WRIST_CAMERA = "gripperPOV"  # mounted on the gripper: the close view OpenVLA-OFT adds
+CAMERAS = (CAMERA, WRIST_CAMERA)
+# Cameras whose raw render is upside down (and mirrored); the others render upright.
+_FLIPPED_CAMERAS = {CAMERA}
 VARIATIONS_PER_BENCHMARK = 50  # MT1 makes this many task variations per benchmark seed
 
 
@@ -57,20 +63,32 @@ def _egl_works() -> bool:
     return subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode == 0
 
 
+def _setup_lock_path() -> str:
+    return os.path.join(tempfile.gettempdir(), "kvla-gl-setup.lock")
+
+
 def ensure_rendering() -> None:
     """Make offscreen rendering work; call before mujoco is imported (child processes inherit it).
 
     Installs the missing GL packages when root (otherwise says exactly what to install), then
-    picks the backend: Mesa EGL, else OSMesa, unless MUJOCO_GL is already set.
+    picks the backend: Mesa EGL, else OSMesa, unless MUJOCO_GL is already set. Safe to call from
+    several processes at once: the check and the install run under one machine-wide file lock,
+    so a second process waits for the first one's install instead of racing it for dpkg's lock.
     """
-    if missing := missing_gl_packages():
-        command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-        if os.geteuid() != 0:
-            raise RuntimeError(f"offscreen rendering needs the Debian packages {', '.join(missing)}: "
-                               f"run `sudo apt-get update && sudo {' '.join(command)}`")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        subprocess.run(["apt-get", "update", "-q"], env=env, check=True, capture_output=True)
-        subprocess.run(command, env=env, check=True, capture_output=True)
+    if missing_gl_packages():
+        with open(_setup_lock_path(), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if missing := missing_gl_packages():  # again: another process may have installed them
+                command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+                if os.geteuid() != 0:
+                    raise RuntimeError(f"offscreen rendering needs the Debian packages {', '.join(missing)}: "
+                                       f"run `sudo apt-get update && sudo {' '.join(command)}`")
+                env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+                for step in (["apt-get", "update", "-q"], command):
+                    done = subprocess.run(step, env=env, capture_output=True, text=True)
+                    if done.returncode:
+                        raise RuntimeError(f"`{' '.join(step)}` failed (exit {done.returncode}) while installing "
+                                           f"the GL packages {', '.join(missing)}:\n{done.stderr.strip()[-2000:]}")
     if "MUJOCO_GL" not in os.environ:  # without it MuJoCo tries GLFW, which needs a display
         os.environ["MUJOCO_GL"] = "egl" if _egl_works() else "osmesa"
     if os.environ["MUJOCO_GL"] == "osmesa":
@@ -128,17 +146,22 @@ def expert_action(task: str, state: np.ndarray) -> np.ndarray:
 
 
 class SimEnv:
-    """One MetaWorld v3 task at one seed, rendered from the corner2 camera, upright.
+    """One MetaWorld v3 task at one seed, rendered upright from one or more cameras.
 
-    ``reset()`` gives the observation dict ``{"image": uint8 [S,S,3], "proprio": float32 [4]
-    (hand xyz, gripper opening), "state": float32 [39]}``; ``step(action)`` gives
+    ``cameras`` are MetaWorld camera names, the first being the main view (default: corner2
+    only; ``CAMERAS`` adds the wrist camera). ``reset()`` gives the observation dict
+    ``{"images": uint8 [C,S,S,3] (cameras in order), "image": the first camera's [S,S,3],
+    "proprio": float32 [4] (hand xyz, gripper opening), "state": float32 [39]}``; ``step(action)`` gives
     ``(obs, success, done)`` with ``done`` once the task succeeds or ``max_steps`` steps are
     taken (default: the env's max_path_length, 500). Close it (or use ``with``) before making
     the next one: a garbage-collected viewer can blank the frames of a live env.
     """
 
-    def __init__(self, task: str, seed: int, image_size: int = 128, max_steps: int | None = None):
+    def __init__(self, task: str, seed: int, image_size: int = 128, max_steps: int | None = None,
+                 cameras: tuple[str, ...] = (CAMERA,)):
         _check_task(task)
+        if not cameras:
+            raise ValueError("SimEnv needs at least one camera")
         _metaworld()  # sets up GL before mujoco is first imported
         import mujoco
 
@@ -153,20 +176,31 @@ class SimEnv:
         self._viewer = env.mujoco_renderer._get_viewer("rgb_array")
         self._viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0  # shadows and reflections cost
         self._viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0  # most of a software render
+        self._camera_ids = []
+        for name in cameras:
+            camera_id = mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, name)
+            if camera_id < 0:
+                raise ValueError(f"MetaWorld has no camera {name!r}; known: {CAMERA}, {WRIST_CAMERA}, corner3, topview")
+            self._camera_ids.append(camera_id)
+        self.cameras = tuple(cameras)
         self._env: Any = env
         self.steps = 0
 
+    def _render(self, name: str, camera_id: int) -> np.ndarray:
+        image = self._viewer.render(render_mode="rgb_array", camera_id=camera_id)
+        return (image[::-1, ::-1] if name in _FLIPPED_CAMERAS else image).copy()
+
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
         self._viewer.make_context_current()  # in case another env rendered since
-        image = self._env.render()[::-1, ::-1].copy()  # corner2 renders upside down
-        if not image.any():  # the scene is lit: an all-black frame means the GL context was lost
+        images = np.stack([self._render(name, cid) for name, cid in zip(self.cameras, self._camera_ids)])
+        if not images.reshape(len(images), -1).any(1).all():  # the scene is lit: all black = GL context lost
             raise RuntimeError(
                 "MetaWorld rendered an all-black frame: the GL context was lost, most likely because an "
                 "earlier env was garbage-collected while this one was live. Keep no reference to an env "
                 "after closing it (SimEnv.close releases its own)."
             )
         state = state.astype(np.float32)
-        return {"image": image, "proprio": state[:4].copy(), "state": state}
+        return {"images": images, "image": images[0], "proprio": state[:4].copy(), "state": state}
 
     @property
     def _live_env(self) -> Any:

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kvla import compat
-from kvla.cache import PositionalKVLayer
-from kvla.layout import LayoutError, TokenLayout
-from kvla.plan import PlanError, ReusePlan
-from kvla.state import EpisodeState
+from kvla.engine import compat
+from kvla.engine.cache import PositionalKVLayer
+from kvla.engine.layout import LayoutError, TokenLayout
+from kvla.engine.plan import PlanError, ReusePlan
+from kvla.engine.state import EpisodeState
 
 
 @dataclass

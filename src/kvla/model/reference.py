@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from kvla.model import ACTION_BINS, BOS_TOKEN_ID, VLAConfig, VLAModel
+from kvla.model.vla import ACTION_BINS, BOS_TOKEN_ID, VLAConfig, VLAModel
 
 SPECIAL_TOKENS = {"[PAD]": 0, "[BOS]": BOS_TOKEN_ID, "[EOS]": 2, "[UNK]": 3}
 PAD_TOKEN_ID = 0
