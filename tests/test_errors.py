@@ -62,6 +62,12 @@ def test_plan_indices_out_of_range(engine):
         engine.prefill(embeds, LAYOUT, ReusePlan.full(1, LAYOUT, 3, relevance_layers=(7,)), state)
 
 
+def test_pruning_plan_cannot_collect_entropy(engine):
+    plan = ReusePlan.full(1, LAYOUT, 3, prune_after_layer=0, prune_ratio=0.5, collect_entropy=True)
+    with pytest.raises(PlanError, match="cannot collect entropy"):
+        engine.prefill(torch.randn(1, LAYOUT.seq_len, 64), LAYOUT, plan, EpisodeState())
+
+
 def test_unsupported_model_family():
     config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, vocab_size=300)
@@ -94,3 +100,34 @@ def test_policy_observation_and_camera_errors():
         policy.step(torch.zeros(1, 2, 32, 32, 3, dtype=torch.uint8), torch.zeros(1, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="text_ids must be"):
         policy.step(torch.zeros(1, 32, 32, 3, dtype=torch.uint8), torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_pruning_plan_that_reuses_is_checked_against_the_cache(engine):
+    embeds = torch.randn(1, LAYOUT.seq_len, 64)
+    reuse_and_prune = ReusePlan(visual_depth=torch.tensor([[0, 0, 3, 3, 3, 3, 3, 3]]), prune_after_layer=0,
+                                prune_ratio=0.5)
+    with pytest.raises(PlanError, match="after reset\\(\\) the first step must be a full frame"):
+        engine.prefill(embeds, LAYOUT, reuse_and_prune, EpisodeState())
+    # tokens pruned at the previous step have no K/V above the pruning layer
+    state = EpisodeState()
+    first = engine.prefill(embeds, LAYOUT, ReusePlan.full(1, LAYOUT, 3, prune_after_layer=0, prune_ratio=0.5), state)
+    assert state.kv_complete.tolist() == (~first.pruned).tolist()
+    depth = torch.where(first.pruned, 0, 3)
+    with pytest.raises(PlanError, match="incomplete"):
+        engine.prefill(embeds, LAYOUT, ReusePlan(visual_depth=depth, prune_after_layer=0, prune_ratio=0.5), state)
+
+
+def test_pruning_plan_that_reuses_reports_its_reuse(engine):
+    state = EpisodeState()
+    embeds = torch.randn(1, LAYOUT.seq_len, 64)
+    engine.prefill(embeds, LAYOUT, ReusePlan.full(1, LAYOUT, 3), state)
+    depth = torch.tensor([[0, 0, 0, 0, 3, 3, 3, 3]])
+    result = engine.prefill(embeds, LAYOUT, ReusePlan(visual_depth=depth, prune_after_layer=0, prune_ratio=0.75), state)
+    assert int(result.pruned.sum()) == 6
+    # a token reused from layer 0 stays reused when it is also pruned; a recomputed one is dropped after layer 0
+    assert result.visual_depth.tolist() == torch.where(result.pruned, depth.clamp(max=1), depth).tolist()
+    assert result.visual_depth[0, :4].tolist() == [0, 0, 0, 0]
+    # a dropped token keeps its cached K/V above the pruning layer, like a token reused from there on:
+    # still complete, and as old as before
+    assert state.kv_complete.all()
+    assert state.source_step.tolist() == (result.visual_depth == 3).long().tolist()

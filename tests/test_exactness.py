@@ -1,14 +1,18 @@
 """Every accelerated path against the plain model's own forward and generate."""
 
+import warnings
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
+from packaging.version import Version
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from conftest import make_lm
 from kvla import EpisodeState, PartialPrefillEngine, ReusePlan, TokenLayout
+from kvla.engine.compat import UnsupportedModelError, cache_argument_name, transformers_version
 
 NUM_VISUAL, NUM_TEXT, ACTIONS = 16, 5, 7
 
@@ -161,3 +165,67 @@ def test_any_plan_matches_the_reference(family, batch, data):
     assert result.computed_tokens == [int((depth > l).sum(1).max()) + layout.seq_len - NUM_VISUAL for l in range(3)]
     expected = _reference_with_old_kv(lm, previous, current, depth)
     assert (result.logits[:, -1] - expected).abs().max() < 1e-4
+
+
+def test_prefill_and_decode_raise_no_deprecation_warnings(family):
+    """kvla calls the installed transformers the way it currently wants to be called: no
+    FutureWarning or DeprecationWarning (transformers 5.24 deprecates `past_key_values` on decoder
+    layers with a FutureWarning on every call)."""
+    lm = make_lm(family)
+    layout = _layout(False)
+    embeds = torch.randn(1, layout.seq_len, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine, state = PartialPrefillEngine(lm), EpisodeState()
+        result = engine.prefill(embeds, layout, ReusePlan.full(1, layout, engine.num_layers), state)
+        engine.prefill(embeds, layout, ReusePlan(visual_depth=torch.zeros(1, NUM_VISUAL, dtype=torch.long)), state)
+        engine.decode_greedy(result.logits[:, -1], layout, state)
+    deprecations = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+                    if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecations, "\n".join(deprecations)
+
+
+class _TakesCache(torch.nn.Module):  # transformers >= 5.24
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs): ...
+
+
+class _TakesPastKeyValues(torch.nn.Module):  # transformers < 5.24
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None, **kwargs): ...
+
+
+class _TakesBoth(torch.nn.Module):
+    def forward(self, hidden_states, past_key_values=None, cache=None, **kwargs): ...
+
+
+class _TakesNeither(torch.nn.Module):
+    def forward(self, hidden_states, attention_mask=None, **kwargs): ...
+
+
+@pytest.mark.parametrize("layer_class,expected", [
+    (_TakesCache, "cache"), (_TakesPastKeyValues, "past_key_values"), (_TakesBoth, "cache"),
+])
+def test_cache_argument_name_picks_the_keyword_the_layer_takes(layer_class, expected):
+    assert cache_argument_name(layer_class) == expected
+
+
+def test_cache_argument_name_follows_the_deprecation_wrapper():
+    """transformers >= 5.24 wraps forward in deprecate_kwarg; the signature seen is the wrapped one."""
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    class Layer(torch.nn.Module):
+        @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+        def forward(self, hidden_states, cache=None, **kwargs):
+            return hidden_states
+
+    assert cache_argument_name(Layer) == "cache"
+
+
+def test_cache_argument_name_of_the_installed_transformers(family):
+    expected = "cache" if transformers_version() >= Version("5.24.0") else "past_key_values"
+    assert cache_argument_name(type(make_lm(family, num_layers=1).model.layers[0])) == expected
+
+
+def test_cache_argument_name_without_either_keyword_is_a_clear_error():
+    with pytest.raises(UnsupportedModelError,
+                       match=r"_TakesNeither\.forward takes neither `cache` nor `past_key_values`"):
+        cache_argument_name(_TakesNeither)

@@ -38,26 +38,41 @@ def test_plain_model_forward_matches_analytic_count(eager_tiny):
     assert abs(counted - analytic) / counted < 0.01
 
 
-@pytest.mark.parametrize("reuse", [False, True], ids=["full", "partial"])
-def test_engine_step_matches_analytic_count(eager_tiny, reuse):
+_DEPTH = torch.tensor([[0, 1, 2, 3] * 4])
+_PLANS = {
+    "full": lambda layout: ReusePlan.full(1, layout, 4),
+    "partial": lambda layout: ReusePlan(visual_depth=_DEPTH),
+    # the statistics a vla_cache step asks for: entropy and relevance on the first frame, relevance later
+    "full+entropy+relevance": lambda layout: ReusePlan.full(1, layout, 4, relevance_layers=(2,), collect_entropy=True),
+    "partial+relevance": lambda layout: ReusePlan(visual_depth=_DEPTH, relevance_layers=(2,)),
+    "partial+entropy": lambda layout: ReusePlan(visual_depth=_DEPTH, relevance_layers=(1, 3), collect_entropy=True),
+    "fastv": lambda layout: ReusePlan.full(1, layout, 4, prune_after_layer=1, prune_ratio=0.5),
+}
+
+
+@pytest.mark.parametrize("plan_name", list(_PLANS))
+def test_engine_step_matches_analytic_count(eager_tiny, plan_name):
     model, cfg, layout = eager_tiny, eager_tiny.config, eager_tiny.layout
     engine, state = PartialPrefillEngine(model.language_model), EpisodeState()
     frames = torch.randint(0, 255, (1, 32, 32, 3), dtype=torch.uint8)
     text = torch.randint(3, 200, (1, cfg.num_text_tokens))
     embeds = model.prompt_embeddings(model.encode_images(model.policy_images(frames)), text)
     engine.prefill(embeds, layout, ReusePlan.full(1, layout, 4), state)
-    depth = torch.tensor([[0, 1, 2, 3] * 4]) if reuse else torch.full((1, 16), 4)
-    plan = ReusePlan(visual_depth=depth)
+    plan = _PLANS[plan_name](layout)
 
     def step():
         result = engine.prefill(embeds, layout, plan, state)
         engine.decode_greedy(result.logits[:, -1], layout, state)
-        step.tokens = result.computed_tokens
+        step.result = result
 
     counted = _counted(step)
-    analytic = step_flops(cfg, layout, step.tokens, batch=1)
-    if reuse:
-        assert step.tokens == [layout.seq_len - 4, layout.seq_len - 8, layout.seq_len - 12, layout.seq_len - 16]
+    result = step.result
+    analytic = step_flops(cfg, layout, result.computed_tokens, batch=1, statistic_rows=result.statistic_rows)
+    if plan_name.startswith("partial"):
+        assert result.computed_tokens == [layout.seq_len - 4, layout.seq_len - 8, layout.seq_len - 12,
+                                          layout.seq_len - 16]
+    if plan_name != "full" and plan_name != "partial":
+        assert analytic.statistics > 0
     total = analytic.prefill + analytic.action_decoding + analytic.head
     assert abs(counted - total) / counted < 0.01
 

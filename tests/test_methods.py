@@ -154,3 +154,87 @@ def test_every_method_runs_a_batch_of_two_over_real_frames(dtype):
             assert out.action_tokens.shape == (2, 7)
             assert out.actions.min() >= -1 and out.actions.max() <= 1
             assert not math.isnan(out.logits.sum().item())
+
+
+def test_code_schedule_recomputes_the_entropy_at_every_step():
+    model = VLAModel.from_preset("tiny")
+    torch.manual_seed(0)
+    text = torch.randint(3, 200, (1, model.config.num_text_tokens))
+    base = torch.randint(60, 200, (1, 32, 32, 3), dtype=torch.uint8)
+    frames = [base, base, (base.int() + 40).clamp(0, 255).to(torch.uint8), base]
+    method = VLACache(schedule="code", relevance_rule="top_k", task_top_k=2)
+    policy = CachedVLAPolicy(model, method)
+    seen = []
+    for frame in frames:
+        ctx = PlanContext(patches=model.image_patches(model.policy_images(frame)), state=policy.state,
+                          layout=model.layout, num_layers=3)
+        used = policy.state.layer_entropy
+        assert method.plan(ctx).collect_entropy  # every step collects the entropy the next step uses
+        policy.step(frame, text)
+        seen.append(policy.state.layer_entropy)
+        assert seen[-1] is not used
+    assert not torch.equal(seen[1], seen[2])  # a different frame gives a different schedule
+    # the paper's schedule takes the entropy once, from the first (full) frame
+    paper = CachedVLAPolicy(model, "vla_cache")
+    paper.step(base, text)
+    first = paper.state.layer_entropy
+    paper.step(base, text)
+    assert paper.state.layer_entropy is first
+
+
+def test_official_code_settings_are_expressible():
+    from kvla.methods.vla_cache import OFFICIAL_CODE_SPEC
+
+    method = parse_method(OFFICIAL_CODE_SPEC)
+    assert (method.top_k, method.relevance_rule, method.task_top_k, method.schedule) == (130, "top_k", 100, "code")
+    for num_layers, layer in [(32, 15), (16, 8), (3, 1)]:
+        ctx = PlanContext(patches=_patches([0.0] * 8), state=EpisodeState(), layout=LAYOUT, num_layers=num_layers)
+        assert method.plan(ctx).relevance_layers == (layer,)  # round(15 * L / 32)
+        assert VLACache().plan(ctx).relevance_layers == (num_layers // 2,)  # default: the middle layer
+    assert VLACache().task_top_k == 100
+    with pytest.raises(ValueError, match="relevance_depth"):
+        VLACache(relevance_depth=1.5)
+
+
+def _plain_actions(model, frames, text):
+    """The plain model's own forward and greedy generate on the same prompt."""
+    embeds = model.prompt_embeddings(model.encode_images(model.policy_images(frames)), text)
+    lm = model.language_model
+    with torch.no_grad():
+        logits = lm(inputs_embeds=embeds).logits[:, -1:]
+        tokens = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                             max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0)
+    return logits, tokens
+
+
+def test_every_method_handles_two_cameras():
+    model = VLAModel.from_preset("tiny", num_cameras=2)
+    assert model.layout.visual_spans == ((1, 17), (17, 33))
+    torch.manual_seed(0)
+    text = torch.randint(3, 200, (1, model.config.num_text_tokens))
+    base = torch.randint(60, 200, (1, 2, 32, 32, 3), dtype=torch.uint8)
+    moved = base.clone()
+    moved[:, 1] = 255 - moved[:, 1]  # the wrist camera changes completely, the main camera does not
+    frames = [base, base, moved, torch.randint(60, 200, base.shape, dtype=torch.uint8)]
+    top_k = 5
+    specs = ["full", "static", f"vla_cache:top_k={top_k}:relevance_rule=top_k:task_top_k=0:schedule=none",
+             f"vla_cache:top_k={top_k}:schedule=code", "fastv"]
+    for spec in specs:
+        policy = CachedVLAPolicy(model, spec)
+        for t, frame in enumerate(frames):
+            out = policy.step(frame, text)
+            reused = (out.visual_depth < 3).view(2, 16).sum(1).tolist()  # per camera
+            if spec == "fastv":
+                assert sum(reused) == 16  # half of all 32 visual tokens dropped
+                continue
+            if spec.startswith("vla_cache"):
+                assert max(reused) <= top_k
+            if spec.startswith("vla_cache:top_k=5:relevance"):
+                # unchanged cameras reuse exactly their own top-k; a changed camera reuses nothing
+                assert reused == {0: [0, 0], 1: [top_k, top_k], 2: [top_k, 0], 3: [0, 0]}[t]
+            if spec == "static":
+                assert reused == {0: [0, 0], 1: [16, 16], 2: [16, 0], 3: [0, 0]}[t]
+            if out.reuse_ratio == 0.0:
+                logits, tokens = _plain_actions(model, frame, text)
+                assert (out.logits - logits).abs().max() < 1e-4
+                assert torch.equal(out.action_tokens, tokens)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kvla.testbed.evaluate import EpisodeOutcome, episodes_as_json, paired_difference, summarise, wilson_interval
+from kvla.testbed.evaluate import EpisodeOutcome, episodes_as_json, summarise
 from kvla.model.vla import VLAModel
 from kvla.policy import CachedVLAPolicy
 from kvla.model.reference import InstructionTokenizer, reference_config
@@ -77,14 +77,6 @@ def test_chunk_targets_and_split():
     assert torch.allclose(frames.actions[3], torch.cat([acts[3], acts[4], acts[4]]))  # last action repeated
     train, val = split_demos(demos, val_per_task=1)
     assert sorted(d.seed for d in val) == [2, 3]  # the highest seed of each task is held out
-
-
-def test_wilson_and_paired_difference():
-    low, high = wilson_interval(15, 20)
-    assert low == pytest.approx(0.5313, abs=1e-3) and high == pytest.approx(0.8881, abs=1e-3)
-    assert wilson_interval(0, 10)[0] == 0.0
-    delta, (lo, hi) = paired_difference([True, True, False, True], [True, False, False, True])
-    assert delta == pytest.approx(0.25) and lo < 0.25 < hi
 
 
 def test_summary_pairs_by_job():

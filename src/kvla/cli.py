@@ -251,15 +251,16 @@ def eval_command(
 def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
     from kvla.testbed import evaluate
     from kvla.policy import CachedVLAPolicy
-    from kvla.model.reference import load_policy_checkpoint
+    from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
     from kvla.testbed.sim import TASKS
 
     model, tokenizer = load_policy_checkpoint(checkpoint)
+    cameras = checkpoint_cameras(checkpoint)
     video.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         policy = CachedVLAPolicy(model, parse_method(spec))
         outcome, frames = evaluate.run_episode(policy, tokenizer.encode_batch([TASKS[task]]), task, seed,
-                                               model.config.image_size, max_steps, record=True)
+                                               model.config.image_size, max_steps, record=True, cameras=cameras)
         # the whole spec goes into the name: two settings of one method must not overwrite each other
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
         path = video.with_name(f"{video.stem}-{name}{video.suffix or '.gif'}")
@@ -272,16 +273,17 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
 
     from kvla.testbed import evaluate
     from kvla.testbed.data import load_demos
-    from kvla.model.reference import load_policy_checkpoint
+    from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
     from kvla.testbed.train import split_demos
 
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
     model, tokenizer = load_policy_checkpoint(checkpoint)
+    cameras = checkpoint_cameras(checkpoint)
     # the training run's own held-out episodes (its config is saved beside or inside the checkpoint)
     train_cfgs = [p for p in (checkpoint / "train_config.json", checkpoint.parent / "train_config.json") if p.exists()]
     held_out_per_task = json.loads(train_cfgs[0].read_text())["val_episodes_per_task"] if train_cfgs else 4
-    _, held_out = split_demos([d for d in load_demos(data) if d.task in task_list], held_out_per_task)
+    _, held_out = split_demos([d for d in load_demos(data, cameras) if d.task in task_list], held_out_per_task)
     chosen: dict[str, list] = {}
     for demo in held_out:
         if len(chosen.setdefault(demo.task, [])) < episodes_per_task:

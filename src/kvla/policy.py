@@ -24,6 +24,7 @@ class StepOutput:
     decode_ms: float
     reuse_ratio: float  # fraction of visual (token, layer) computations skipped
     computed_tokens: list[int]  # rows computed per decoder layer
+    statistic_rows: list[int]  # query rows recomputed per decoder layer for attention statistics
     visual_depth: torch.Tensor  # [B, V] layers each visual token was computed in (num_layers: all)
     notes: dict = field(default_factory=dict)
 
@@ -77,7 +78,7 @@ class CachedVLAPolicy:
             vision_ms=(after_vision - start) * 1e3, select_ms=(after_select - after_vision) * 1e3,
             prefill_ms=(after_prefill - after_select) * 1e3, decode_ms=(end - after_prefill) * 1e3,
             reuse_ratio=result.reuse_ratio(engine.num_layers), computed_tokens=result.computed_tokens,
-            visual_depth=result.visual_depth, notes=plan.notes,
+            statistic_rows=result.statistic_rows, visual_depth=result.visual_depth, notes=plan.notes,
         )
 
     def select_action(self, observation: dict) -> torch.Tensor:

@@ -22,14 +22,24 @@ class ReusePlan:
     once reused, a token is never recomputed deeper). d = L recomputes it everywhere (no reuse),
     d = 0 reuses it in every layer. Every non-visual token is recomputed in every layer.
 
-    prune_after_layer / prune_ratio implement FastV-style dropping instead of reuse: after that
-    layer the given fraction of least-attended visual tokens leaves the computation and is
-    masked out of attention in deeper layers.
+    prune_after_layer / prune_ratio implement FastV-style dropping on top of the depths: at that
+    layer the visual tokens are ranked by the attention the last prompt position
+    (layout.seq_len - 1) pays them, mean over heads, and the given fraction of least-attended
+    ones leaves the computation and is masked out of attention in deeper layers. A dropped token
+    counts as reused from the layer after pruning on (its deeper slots keep their cached K/V),
+    so a pruning plan that also reuses is checked against the episode cache like any other.
+
+    Statistics are recomputed from each layer's input for the query rows they need only:
+    relevance for the text rows, the pruning rank for the last prompt row. Entropy is taken
+    over one row set shared by every layer: the rows computed in EVERY layer of this step (all
+    rows on a full plan; on a partial plan the non-visual rows and the visual tokens with depth
+    L), so that per-layer values are comparable; the rows of a pruning plan are not known before
+    the prefill, so a plan cannot collect entropy and prune.
     """
 
     visual_depth: torch.Tensor  # [batch, num_visual] long
     relevance_layers: tuple[int, ...] = ()  # collect text->visual attention in these layers
-    collect_entropy: bool = False  # collect per-layer attention entropy (needs every row)
+    collect_entropy: bool = False  # collect per-layer attention entropy over the rows computed in every layer
     prune_after_layer: int | None = None
     prune_ratio: float = 0.0
     notes: dict = field(default_factory=dict)  # method-specific diagnostics (sizes of sets)
@@ -40,7 +50,9 @@ class ReusePlan:
         return cls(visual_depth=depth, **kwargs)
 
     def reuse_ratio(self, num_layers: int) -> float:
-        """Fraction of visual (token, layer) computations taken from the cache (FastV drops count)."""
+        """Planned fraction of visual (token, layer) computations taken from the cache.
+
+        FastV drops are decided during the prefill; PrefillResult.reuse_ratio counts them too."""
         reused = (num_layers - self.visual_depth.clamp(max=num_layers)).sum().item()
         return reused / (self.visual_depth.numel() * num_layers) if self.visual_depth.numel() else 0.0
 
@@ -68,3 +80,6 @@ class ReusePlan:
                 )
             if not 0.0 <= self.prune_ratio < 1.0:
                 raise PlanError(f"prune_ratio must lie in [0, 1), got {self.prune_ratio}")
+            if self.collect_entropy and self.prune_ratio > 0:
+                raise PlanError("a pruning plan cannot collect entropy: the rows computed in every layer, "
+                                "over which entropy is taken, are only known once the prefill has pruned")

@@ -31,6 +31,7 @@ class PrefillResult:
     relevance: torch.Tensor | None  # [B, V] mean text->visual attention over the requested layers
     layer_entropy: torch.Tensor | None  # [B, L]
     computed_tokens: list[int]  # per layer, rows actually computed (padding included)
+    statistic_rows: list[int]  # per layer, query rows recomputed for attention statistics (padding included)
     pruned: torch.Tensor | None  # [B, V] bool, FastV drops
     visual_depth: torch.Tensor  # [B, V] layers each visual token was actually computed in
 
@@ -79,7 +80,7 @@ class PartialPrefillEngine:
                 f"input embeddings are {embeds.dtype} on {embeds.device} but the model is "
                 f"{self.dtype} on {self.device}"
             )
-        reuses = bool((plan.visual_depth < self.num_layers).any()) and plan.prune_after_layer is None
+        reuses = bool((plan.visual_depth < self.num_layers).any())
         if not state.has_cache:
             if reuses:
                 raise PlanError(
@@ -110,12 +111,16 @@ class PartialPrefillEngine:
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         return mask[:, None]
 
-    def _attention_probs(self, layer, rows_in: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Softmax attention [B, H, rows, slots] of the given rows, recomputed from the layer input.
+    def _attention_probs(self, layer, layer_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         keys: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Softmax attention [B, H, len(index), slots] of the rows `index` ([B, n] into the layer's
+        rows), recomputed from the layer input.
 
         The same projections and rotary function the layer itself applies; only these rows.
         """
+        take = lambda t: t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
+        rows_in, cos, sin = take(layer_input), take(cos), take(sin)
+        mask = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
         attn = layer.self_attn
         batch, rows, _ = rows_in.shape
         normed = layer.input_layernorm(rows_in)
@@ -169,9 +174,14 @@ class PartialPrefillEngine:
         want_entropy = plan.collect_entropy
         relevance_layers = set(plan.relevance_layers)
         text_positions = torch.arange(*layout.text_span, device=device)
+        last_position = torch.tensor([seq_len - 1], device=device)
+        prune_layer = plan.prune_after_layer if plan.prune_ratio > 0 else None
+        # rows computed in every layer: a prefix of the sorted rows (per sample, those of depth L)
+        entropy_rows = rows_per_layer[-1]
         relevance_sum, entropy = None, None
         if want_entropy:
             entropy = torch.zeros(batch, num_layers, device=device)
+        statistic_rows = [0] * num_layers
         pruned = None
         key_block = None  # additive [B, 1, 1, slots] applied from the layer after pruning on
 
@@ -187,29 +197,41 @@ class PartialPrefillEngine:
             layer_input = hidden
             hidden = compat.call_decoder_layer(layer, hidden, layer_mask, rows, cache, (cos, sin))
 
-            needs_probs = want_entropy or index in relevance_layers or index == plan.prune_after_layer
-            if not needs_probs:
-                continue
-            probs = self._attention_probs(layer, layer_input, cos, sin, cache.layers[index].keys, layer_mask)
+            # the query rows the statistics of this layer need, and only those
             if want_entropy:
-                valid = (row_depth > index).float()  # padding rows do not count
+                stat_index = torch.arange(entropy_rows, device=device).expand(batch, -1)
+            else:
+                wanted = ([text_positions] if index in relevance_layers else []) + \
+                         ([last_position] if index == prune_layer else [])
+                if not wanted:
+                    continue
+                stat_index = self._rows_of(rows, torch.cat(wanted).unique())
+            statistic_rows[index] = stat_index.shape[1]
+            stat_positions = rows.gather(1, stat_index)
+            probs = self._attention_probs(layer, layer_input, cos, sin, cache.layers[index].keys, layer_mask,
+                                          stat_index)
+            if want_entropy:
+                valid = (row_depth.gather(1, stat_index) >= num_layers).float()  # other samples' rows, padding
                 row_entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean(1)  # [B, rows]
                 entropy[:, index] = (row_entropy * valid).sum(1) / valid.sum(1)
             if index in relevance_layers:
-                row_of_text = self._rows_of(rows, text_positions)
+                row_of_text = self._rows_of(stat_positions, text_positions)
                 text_probs = probs.gather(2, row_of_text[:, None, :, None].expand(-1, probs.shape[1], -1, probs.shape[-1]))
                 score = text_probs[..., visual_positions].mean(dim=(1, 2))
                 relevance_sum = score if relevance_sum is None else relevance_sum + score
-            if index == plan.prune_after_layer and plan.prune_ratio > 0:
-                # FastV: attention each visual token receives, averaged over heads and query rows
-                valid = (row_depth > index).float()[:, None, :, None]
-                received = ((probs * valid).sum(2) / valid.sum(2)).mean(1)[:, visual_positions]  # [B, V]
+            if index == prune_layer:
+                # FastV: attention the last prompt position pays each visual token, mean over heads
+                last_row = self._rows_of(stat_positions, last_position)[:, 0]
+                last_probs = probs.gather(2, last_row[:, None, None, None].expand(-1, probs.shape[1], 1, probs.shape[-1]))
+                received = last_probs[:, :, 0, visual_positions].mean(1)  # [B, V]
                 num_drop = int(plan.prune_ratio * layout.num_visual)
                 dropped = torch.zeros_like(received, dtype=torch.bool)
                 dropped.scatter_(1, received.topk(num_drop, dim=1, largest=False).indices, True)
                 pruned = dropped
+                # a dropped token is computed no deeper than this layer; one reused earlier stays reused
                 new_depth = depth.clone()
-                new_depth[:, visual_positions] = torch.where(dropped, index + 1, depth[:, visual_positions])
+                new_depth[:, visual_positions] = torch.where(
+                    dropped, depth[:, visual_positions].clamp(max=index + 1), depth[:, visual_positions])
                 hidden, rows, cos, sin, mask, row_depth, rows_per_layer = self._resort_after_prune(
                     new_depth, hidden, rows, cos, sin, mask, num_layers, rows_per_layer, index)
                 key_block = torch.zeros(batch, 1, 1, num_slots, dtype=self.dtype, device=device)
@@ -220,14 +242,13 @@ class PartialPrefillEngine:
         last_hidden = hidden.gather(1, out_rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
         logits = self.parts.lm_head(self.parts.final_norm(last_hidden)).float()
 
-        # bookkeeping for the next step
-        recomputed = plan.visual_depth.to(device) >= num_layers
+        # bookkeeping for the next step; a pruned token counts as reused from the layer after pruning
+        visual_depth = plan.visual_depth.to(device)
         if pruned is not None:
-            recomputed = recomputed & ~pruned
+            visual_depth = torch.where(pruned, visual_depth.clamp(max=plan.prune_after_layer + 1), visual_depth)
+        recomputed = visual_depth >= num_layers
         state.source_step = torch.where(recomputed, state.step, state.source_step)
-        state.kv_complete = recomputed | (state.kv_complete & (plan.visual_depth.to(device) < num_layers))
-        if pruned is not None:
-            state.kv_complete &= ~pruned
+        state.kv_complete = recomputed | (state.kv_complete & (visual_depth < num_layers))
         if visual_patches is not None:
             if state.source_patches is None:
                 state.source_patches = visual_patches.float().clone()
@@ -242,11 +263,9 @@ class PartialPrefillEngine:
             state.relevance = relevance
         if entropy is not None:
             state.layer_entropy = entropy
-        visual_depth = plan.visual_depth.to(device)
-        if pruned is not None:
-            visual_depth = torch.where(pruned, plan.prune_after_layer + 1, visual_depth)
         return PrefillResult(logits=logits, relevance=relevance, layer_entropy=entropy,
-                             computed_tokens=rows_per_layer, pruned=pruned, visual_depth=visual_depth)
+                             computed_tokens=rows_per_layer, statistic_rows=statistic_rows, pruned=pruned,
+                             visual_depth=visual_depth)
 
     @staticmethod
     def _rows_of(rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ class EpisodeState:
         self.source_patches: torch.Tensor | None = None  # [B, V, patch_dim] float32
         self.kv_complete: torch.Tensor | None = None  # [B, V] bool: cached K/V valid in every layer
         self.relevance: torch.Tensor | None = None  # [B, V] text->visual attention of the last step
-        self.layer_entropy: torch.Tensor | None = None  # [B, L] attention entropy of the last full step
+        self.layer_entropy: torch.Tensor | None = None  # [B, L] attention entropy of the last step that took it
         self.pruned_keys: torch.Tensor | None = None  # [B, S] bool, FastV drops of the last prefill
         self.prune_after_layer: int | None = None
 

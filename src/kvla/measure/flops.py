@@ -4,12 +4,14 @@ Convention: a multiply-accumulate (MAC) is one multiply plus one add; FLOPs = 2 
 torch.utils.flop_counter counts them. Only matrix products are counted (projections, attention
 scores and weighted sums, MLP, head, patch embedding); norms, RoPE, softmax and residual adds
 are left out (under 1 % for these shapes). Attention is counted against every key slot a row is
-given (the explicit mask does not make a dense kernel skip work), i.e. the full cache.
+given (the explicit mask does not make a dense kernel skip work), i.e. the full cache. Attention
+statistics (relevance, entropy, FastV's rank) recompute, for the query rows they need, the query
+projection and the scores against the full cache; those are counted in the layer they are taken in.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from kvla.engine.layout import TokenLayout
 from kvla.model.vla import VLAConfig
@@ -23,6 +25,12 @@ def decoder_layer_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
     attention = 2 * rows * cfg.num_heads * head_dim * key_slots  # QK^T and AV
     mlp = 3 * rows * cfg.hidden_size * cfg.intermediate_size
     return projections + attention + mlp
+
+
+def statistic_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
+    """MACs of recomputing attention probabilities of `rows` query rows of one layer: q and QK^T."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    return rows * cfg.hidden_size * cfg.num_heads * head_dim + rows * cfg.num_heads * head_dim * key_slots
 
 
 def vision_macs(cfg: VLAConfig) -> int:
@@ -58,33 +66,46 @@ class StepFlops:
     """FLOPs of one control step for the whole batch, by part."""
 
     vision: int
-    prefill_per_layer: list[int]
+    prefill_per_layer: list[int]  # decoder layer plus the statistics taken in it
     prefill_tokens_per_layer: list[int]
     action_decoding: int
     head: int
+    statistics_per_layer: list[int] = field(default_factory=list)  # the statistics' part of prefill_per_layer
 
     @property
     def prefill(self) -> int:
         return sum(self.prefill_per_layer)
 
     @property
+    def statistics(self) -> int:
+        return sum(self.statistics_per_layer)
+
+    @property
     def total(self) -> int:
         return self.vision + self.prefill + self.action_decoding + self.head
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "prefill": self.prefill, "total": self.total}
+        return {**asdict(self), "prefill": self.prefill, "statistics": self.statistics, "total": self.total}
 
 
-def step_flops(cfg: VLAConfig, layout: TokenLayout, computed_tokens: list[int], batch: int) -> StepFlops:
-    """FLOPs of a step whose prefill computed `computed_tokens[l]` rows (per sample) in layer l."""
+def step_flops(cfg: VLAConfig, layout: TokenLayout, computed_tokens: list[int], batch: int,
+               statistic_rows: list[int] | None = None) -> StepFlops:
+    """FLOPs of a step whose prefill computed `computed_tokens[l]` rows (per sample) in layer l and
+    recomputed attention statistics for `statistic_rows[l]` query rows (StepOutput.statistic_rows;
+    None: no statistics)."""
     slots = cache_slots(layout)
-    prefill = [2 * batch * m for m in prefill_macs(cfg, computed_tokens, slots)]
+    statistic_rows = statistic_rows if statistic_rows is not None else [0] * len(computed_tokens)
+    if len(statistic_rows) != len(computed_tokens):
+        raise ValueError(f"statistic_rows has {len(statistic_rows)} layers, computed_tokens {len(computed_tokens)}")
+    statistics = [2 * batch * statistic_macs(cfg, rows, slots) for rows in statistic_rows]
+    prefill = [2 * batch * m + extra for m, extra in zip(prefill_macs(cfg, computed_tokens, slots), statistics)]
     outputs = len(layout.output_positions)
     decode_tokens = 0 if layout.parallel else layout.num_action_tokens - 1
     decoding = 2 * batch * decode_tokens * cfg.num_layers * decoder_layer_macs(cfg, 1, slots)
     head = 2 * batch * head_macs(cfg, outputs + decode_tokens)
     return StepFlops(vision=2 * batch * vision_macs(cfg), prefill_per_layer=prefill,
-                     prefill_tokens_per_layer=list(computed_tokens), action_decoding=decoding, head=head)
+                     prefill_tokens_per_layer=list(computed_tokens), action_decoding=decoding, head=head,
+                     statistics_per_layer=statistics)
 
 
 def plain_prefill_macs(cfg: VLAConfig, prompt_tokens: int) -> int:

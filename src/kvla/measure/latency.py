@@ -72,7 +72,7 @@ def run_latency(model: VLAModel, method_specs: list[str], episode: Episode, *, s
     bytes_per_element = torch.finfo(next(model.parameters()).dtype).bits // 8
     for label, outs in zip(labels, outputs):
         measured = outs[skip_first:]
-        counts = [step_flops(model.config, layout, o.computed_tokens, batch=1) for o in measured]
+        counts = [step_flops(model.config, layout, o.computed_tokens, batch=1, statistic_rows=o.statistic_rows) for o in measured]
         flops = [c.total for c in counts]
         parts = {part: float(statistics.fmean(getattr(c, part) for c in counts))
                  for part in ("vision", "prefill", "action_decoding", "head")}

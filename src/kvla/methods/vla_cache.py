@@ -8,16 +8,33 @@
    computed only for those rows and layers. P_reuse = P_static \\ P_task-relevant, where
    task-relevant is either the paper's rule (min-max normalised score > tau_task) or the official
    code's rule (the task_top_k most attended patches).
-3. Layer-adaptive reuse (Sec. 3.4): from the per-layer attention entropy E_l of a full prefill,
+3. Layer-adaptive reuse (Sec. 3.4): from the per-layer attention entropy E_l (mean over heads
+   and over the rows computed in every layer of that step, see ReusePlan),
    - "paper": R_l = (E_{l-1} - E_l) / E_{l-1},  alpha_l = min(k * sum_{j<=l} R_j, 1)  (Eq. 6-7);
    - "code":  r_l = 1 - minmax(E)_l, increases damped by `code_smoothing`, applied only at
      `code_layers` (official: 2, 6, 9, 11 of 32, scaled to the model's depth);
    - "none":  every reusable token is reused in every layer.
    At layer l the first floor(alpha_l * |P_reuse|) reusable tokens (most static first for
    "paper", raster order for "code") are reused from l on; alpha is made non-decreasing because
-   a reused token is never recomputed deeper.
-Defaults follow the paper (tau 0.996, top-k 100, tau_task 0.5); the official code uses top-k 130
-(OpenVLA) / 150 per camera (OFT), task_top_k 120 / 100 and layer 15 of 32 for relevance.
+   a reused token is never recomputed deeper. "paper" takes E once, from the first (full) frame
+   of the episode; "code" takes it at every step from the previous step's prefill, as the
+   official code does.
+Defaults follow the paper (tau 0.996, top-k 100, tau_task 0.5, relevance from the middle layer).
+
+The official code's OpenVLA settings are OFFICIAL_CODE_SPEC: top-k 130 (150 per camera for
+OFT), the 100 most attended patches removed, relevance from layer 15 of 32 (relevance_depth
+15/32: layer round(15 L / 32) of an L-layer model), the "code" schedule. Where kvla still
+differs from the official code with those settings:
+- entropy: the official code averages each layer's entropy over the rows that layer computed,
+  which differ from layer to layer once tokens are dropped; kvla averages every layer over the
+  same rows, those computed in every layer of the step;
+- static detection: the official code compares with the previous frame only; kvla compares with
+  the frame each token's cached K/V was computed from (and can force a recompute by `max_age`),
+  so a slow drift is not reused indefinitely;
+- an empty reusable set reuses nothing (the official code crashes on it);
+- task_top_k counts over all cameras' tokens together; top_k is per camera;
+- statistics are recomputed for the rows they need from each layer's input, instead of taking
+  eager attention maps of every layer (same values up to floating-point rounding).
 """
 
 from __future__ import annotations
@@ -31,6 +48,8 @@ from kvla.methods.base import PlanContext, ReuseMethod, register
 from kvla.engine.plan import ReusePlan
 
 _OFFICIAL_CODE_LAYERS_OF_32 = (2, 6, 9, 11)
+# the official code's OpenVLA run (siyuhsu/vla-cache), in parse_method syntax
+OFFICIAL_CODE_SPEC = "vla_cache:top_k=130:relevance_rule=top_k:task_top_k=100:relevance_depth=0.46875:schedule=code"
 
 
 def paper_reuse_ratios(entropy: torch.Tensor, k: float) -> torch.Tensor:
@@ -67,8 +86,9 @@ class VLACache(ReuseMethod):
     top_k: int = 100  # most-static patches kept per camera (paper 100; official code 130 / 150)
     relevance_rule: str = "threshold"  # "threshold" (paper) or "top_k" (official code)
     tau_task: float = 0.5  # threshold on the min-max normalised relevance score
-    task_top_k: int = 120  # most-attended patches removed under relevance_rule=top_k
-    relevance_layers: tuple[int, ...] = ()  # decoder layers averaged; () = the middle layer
+    task_top_k: int = 100  # most-attended patches removed under relevance_rule=top_k (official code: 100)
+    relevance_layers: tuple[int, ...] = ()  # decoder layers averaged; () = relevance_depth's layer
+    relevance_depth: float | None = None  # relevance layer round(depth * L) when relevance_layers=(); None: L // 2
     schedule: str = "paper"  # "paper", "code" or "none"
     entropy_k: float = 1.0  # k of Eq. 7
     code_smoothing: float = 0.55
@@ -82,9 +102,15 @@ class VLACache(ReuseMethod):
             raise ValueError(f"schedule must be 'paper', 'code' or 'none', got {self.schedule!r}")
         if not 0.0 <= self.tau <= 1.0 or self.top_k < 0 or self.task_top_k < 0:
             raise ValueError("tau must lie in [0, 1] and top_k, task_top_k must be >= 0")
+        if self.relevance_depth is not None and not 0.0 <= self.relevance_depth < 1.0:
+            raise ValueError(f"relevance_depth must lie in [0, 1), got {self.relevance_depth}")
 
     def _relevance_layers(self, num_layers: int) -> tuple[int, ...]:
-        return self.relevance_layers or (num_layers // 2,)
+        if self.relevance_layers:
+            return self.relevance_layers
+        if self.relevance_depth is None:
+            return (num_layers // 2,)
+        return (min(num_layers - 1, round(self.relevance_depth * num_layers)),)
 
     def _code_layers(self, num_layers: int) -> tuple[int, ...]:
         if self.code_layers:
@@ -119,7 +145,9 @@ class VLACache(ReuseMethod):
             "relevant_removed": (static & relevant).sum(1).float().mean().item(),
             "reusable": reusable.sum(1).float().mean().item(),
         }
-        return ReusePlan(visual_depth=depth, relevance_layers=relevance_layers, notes=notes)
+        # the code schedule takes the next step's entropy from this step
+        return ReusePlan(visual_depth=depth, relevance_layers=relevance_layers,
+                         collect_entropy=self.schedule == "code", notes=notes)
 
     def _top_k_per_camera(self, static, similarity, ctx: PlanContext) -> torch.Tensor:
         kept = torch.zeros_like(static)

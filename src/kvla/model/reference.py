@@ -80,6 +80,15 @@ def reference_config(tokenizer: InstructionTokenizer, parallel: bool = False, ac
                    **overrides)
 
 
+def checkpoint_cameras(directory) -> tuple[str, ...]:
+    """The simulator cameras a checkpoint's visual tokens come from, in order (sim.json; the
+    first reference VLA predates it and saw corner2 only)."""
+    path = Path(directory) / "sim.json"
+    if not path.exists():
+        return ("corner2",)
+    return tuple(json.loads(path.read_text())["cameras"])
+
+
 def load_policy_checkpoint(directory) -> tuple[VLAModel, InstructionTokenizer]:
     """A trained reference VLA and its tokenizer from a checkpoint directory."""
     return VLAModel.from_pretrained(directory), InstructionTokenizer.load(directory)

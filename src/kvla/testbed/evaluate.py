@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvla.measure.flops import step_flops
+from kvla.measure.stats import paired_difference, wilson_interval
 from kvla.methods import method_label, parse_method
 from kvla.policy import CachedVLAPolicy
 
@@ -26,43 +27,60 @@ class EpisodeOutcome:
     success: bool
     steps: int
     step_ms: list[float] = field(default_factory=list)
+    vision_ms: list[float] = field(default_factory=list)
+    select_ms: list[float] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
+    decode_ms: list[float] = field(default_factory=list)
     reuse: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
 
 
-def shade_reused(image: np.ndarray, visual_depth: torch.Tensor, num_layers: int, patch: int) -> np.ndarray:
-    """Tint each patch blue by the fraction of layers in which its K/V was reused."""
-    grid = image.shape[0] // patch
-    reused = (1.0 - visual_depth[:grid * grid].float() / num_layers).reshape(grid, grid).numpy()
-    alpha = np.kron(reused, np.ones((patch, patch)))[..., None] * 0.5
-    tint = np.array([40, 90, 255], dtype=np.float32)
-    return (image * (1 - alpha) + tint * alpha).astype(np.uint8)
+def shade_reused(images: np.ndarray, visual_depth: torch.Tensor, num_layers: int, patch: int) -> np.ndarray:
+    """Tint each patch blue by the fraction of layers in which its K/V was reused; the cameras'
+    images (uint8 [C, S, S, 3] or one [S, S, 3]) side by side."""
+    images = images[None] if images.ndim == 3 else images
+    grid = images.shape[1] // patch
+    shaded = []
+    for camera, image in enumerate(images):
+        depth = visual_depth[camera * grid * grid:(camera + 1) * grid * grid]
+        reused = (1.0 - depth.float() / num_layers).reshape(grid, grid).numpy()
+        alpha = np.kron(reused, np.ones((patch, patch)))[..., None] * 0.5
+        tint = np.array([40, 90, 255], dtype=np.float32)
+        shaded.append((image * (1 - alpha) + tint * alpha).astype(np.uint8))
+    return np.concatenate(shaded, axis=1)
 
 
 def run_episode(policy: CachedVLAPolicy, text_ids: torch.Tensor, task: str, seed: int, image_size: int,
-                max_steps: int, record: bool = False):
-    """One closed-loop episode; returns (outcome, frames with reused patches shaded if record)."""
+                max_steps: int, record: bool = False, cameras: tuple[str, ...] = ("corner2",)):
+    """One closed-loop episode; returns (outcome, frames with reused patches shaded if record).
+
+    `cameras` are the simulator cameras whose images the model takes, in its visual-token order."""
     from kvla.testbed.sim import SimEnv
 
     model = policy.model
     cfg, layers = model.config, policy.engine.num_layers
+    if len(cameras) != cfg.num_cameras:
+        raise ValueError(f"the model takes {cfg.num_cameras} camera(s) but {len(cameras)} were given: {cameras}")
     outcome = EpisodeOutcome(method=method_label(policy.method), task=task, seed=seed, success=False, steps=0)
     frames = []
     policy.reset()
-    with SimEnv(task, seed, image_size=image_size, max_steps=max_steps) as env:
+    with SimEnv(task, seed, image_size=image_size, max_steps=max_steps, cameras=cameras) as env:
         observation = env.reset()
         done = False
         while not done:
-            image = torch.from_numpy(observation["image"])[None]
+            images = torch.from_numpy(observation["images"])[None]
             proprio = torch.from_numpy(observation["proprio"])[None] if cfg.proprio_dim else None
-            out = policy.step(image, text_ids, proprio)
+            out = policy.step(images, text_ids, proprio)
             outcome.step_ms.append(out.step_ms)
+            outcome.vision_ms.append(out.vision_ms)
+            outcome.select_ms.append(out.select_ms)
             outcome.prefill_ms.append(out.prefill_ms)
+            outcome.decode_ms.append(out.decode_ms)
             outcome.reuse.append(out.reuse_ratio)
-            outcome.flops.append(step_flops(cfg, model.layout, out.computed_tokens, batch=1).total)
+            outcome.flops.append(step_flops(cfg, model.layout, out.computed_tokens, batch=1,
+                                               statistic_rows=out.statistic_rows).total)
             if record:
-                frames.append(shade_reused(observation["image"], out.visual_depth[0].cpu(), layers, cfg.patch_size))
+                frames.append(shade_reused(observation["images"], out.visual_depth[0].cpu(), layers, cfg.patch_size))
             chunk = out.actions[0].reshape(cfg.action_chunk, cfg.action_dim).numpy()
             for action in chunk:  # an action chunk is executed open loop, as OpenVLA-OFT does
                 observation, success, done = env.step(action)
@@ -78,11 +96,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(checkpoint: str, method_specs: list[str], threads: int):
-    from kvla.model.reference import load_policy_checkpoint
+    from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
 
     torch.set_num_threads(threads)
     model, tokenizer = load_policy_checkpoint(checkpoint)
-    _WORKER.update(model=model, tokenizer=tokenizer,
+    _WORKER.update(model=model, tokenizer=tokenizer, cameras=checkpoint_cameras(checkpoint),
                    policies=[CachedVLAPolicy(model, parse_method(spec)) for spec in method_specs])
 
 
@@ -97,7 +115,7 @@ def _run_job(job) -> list[EpisodeOutcome]:
     outcomes = [None] * len(policies)
     for index in list(range(shift, len(policies))) + list(range(shift)):
         outcomes[index], _ = run_episode(policies[index], text_ids, task, seed,
-                                         _WORKER["model"].config.image_size, max_steps)
+                                         _WORKER["model"].config.image_size, max_steps, cameras=_WORKER["cameras"])
     return outcomes
 
 
@@ -105,6 +123,9 @@ def run_closed_loop(checkpoint: str, method_specs: list[str], tasks: list[str], 
                     *, seed_start: int = EVAL_SEED_START, max_steps: int = 200, workers: int = 2,
                     progress: bool = True) -> list[list[EpisodeOutcome]]:
     """Every method on the same (task, seed) pairs; returns per job the outcomes of each method."""
+    from kvla.testbed.sim import ensure_rendering
+
+    ensure_rendering()  # once, before any worker starts: the workers inherit the backend choice
     jobs = [(task, seed_start + i, max_steps) for i in range(episodes_per_task) for task in tasks]
     threads = max(1, torch.get_num_threads() // max(1, workers))
     if workers <= 1:
@@ -116,26 +137,6 @@ def run_closed_loop(checkpoint: str, method_specs: list[str], tasks: list[str], 
 
 
 # ------------------------------------------------------------------ statistics
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """95 % Wilson score interval of a success rate."""
-    if trials == 0:
-        return (math.nan, math.nan)
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def paired_difference(method: list[bool], reference: list[bool], z: float = 1.96) -> tuple[float, tuple[float, float]]:
-    """Mean paired difference of success (method - reference) and its normal-approximation 95 % interval."""
-    diffs = [float(a) - float(b) for a, b in zip(method, reference)]
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, (math.nan, math.nan)
-    half = z * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    return mean, (mean - half, mean + half)
-
-
 @dataclass
 class MethodSummary:
     method: str
@@ -146,6 +147,10 @@ class MethodSummary:
     delta_vs_full: float
     delta_ci: tuple[float, float]
     step_ms: float  # median over all steps
+    vision_ms: float  # medians over all steps of each part of the step
+    select_ms: float
+    prefill_ms: float
+    decode_ms: float
     speedup_step: float  # median over episodes of (full's median step ms / this method's)
     reuse_ratio: float
     flops: float  # mean per step
@@ -168,6 +173,8 @@ def summarise(results: list[list[EpisodeOutcome]], labels: list[str]) -> list[Me
                 success_rate=sum(successes) / len(outcomes), success_ci=wilson_interval(sum(successes), len(outcomes)),
                 delta_vs_full=delta, delta_ci=delta_ci,
                 step_ms=statistics.median([ms for o in outcomes for ms in o.step_ms]),
+                **{f"{part}_ms": statistics.median([ms for o in outcomes for ms in getattr(o, f"{part}_ms")] or [math.nan])
+                   for part in ("vision", "select", "prefill", "decode")},
                 speedup_step=statistics.median(ratios),
                 reuse_ratio=statistics.fmean([r for o in outcomes for r in o.reuse]),
                 flops=statistics.fmean([f for o in outcomes for f in o.flops]),
@@ -243,7 +250,7 @@ def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: boo
         for policy in policies:
             policy.reset()
         for t in range(len(demo.actions)):
-            image = torch.as_tensor(demo.images[t])[None]
+            image = torch.as_tensor(demo.images[t])[None]  # [1, (C,) S, S, 3]
             proprio = torch.as_tensor(demo.proprio[t], dtype=torch.float32)[None] if model.config.proprio_dim else None
             for index, policy in enumerate(policies):
                 out = policy.step(image, text_ids, proprio)
