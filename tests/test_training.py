@@ -137,3 +137,55 @@ def test_two_camera_closed_loop_in_the_simulator(tmp_path):
     assert full.steps == cached.steps == 6 and len(full.step_ms) == 3  # chunks of 2 executed open loop
     assert full.reuse == [0.0] * 3 and max(cached.reuse[1:]) > 0  # the static background is reused
     assert isinstance(VLAConfig(**json.loads((tmp_path / "config.json").read_text())), VLAConfig)
+
+
+def test_eval_cli_reports_the_step_by_part(tmp_path):
+    pytest.importorskip("metaworld")
+    from typer.testing import CliRunner
+
+    from kvla.cli import app
+    from kvla.testbed.train import save_observation_spec
+
+    tokenizer = InstructionTokenizer.from_instructions(list(TASKS.values()))
+    torch.manual_seed(0)
+    model = VLAModel(reference_config(tokenizer, parallel=True, action_chunk=2, num_layers=2, num_cameras=2,
+                                      **{**TINY, "image_size": 64, "patch_size": 16})).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save(tmp_path / "ckpt")
+    save_observation_spec(tmp_path / "ckpt", (CAMERA, WRIST_CAMERA), 64)
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(app, ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--methods", "full,static",
+                                      "--tasks", "reach-v3", "--episodes", "1", "--max-steps", "4", "--workers", "1",
+                                      "--json", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "prefill share" in result.output
+    rows = {(r["task"], r["method"]): r for r in json.loads(out.read_text())}
+    full = rows[("all", "full")]
+    parts = [full[f"{p}_ms"] for p in ("vision", "select", "prefill", "decode")]
+    assert all(p >= 0 for p in parts) and full["prefill_ms"] > 0
+    assert sum(parts) <= full["step_ms"] * 1.5  # medians of parts, roughly the median step
+
+
+def test_fidelity_acts_on_the_frames_the_closed_loop_would(tmp_path):
+    from kvla.testbed.evaluate import run_fidelity
+
+    path = tmp_path / "demos.hdf5"
+    _write_demo_file(path, (CAMERA, WRIST_CAMERA), episodes_per_task=1, length=5, tasks=("reach-v3",))
+    demo = load_demos(path)[0]
+    tokenizer = InstructionTokenizer.from_instructions(list(TASKS.values()))
+    torch.manual_seed(0)
+    model = VLAModel(reference_config(tokenizer, parallel=True, action_chunk=2, num_layers=2, num_cameras=2,
+                                      **TINY)).eval()
+    full, static = run_fidelity(model, tokenizer, [demo], ["static:tau=0.0"], progress=False)
+    assert full.frames == static.frames == 3  # frames 0, 2, 4 with a chunk of 2
+    assert full.token_agreement == 1.0 and full.l1_vs_full == 0.0 and full.reuse_ratio == 0.0
+    # full's L1 against the demonstrated chunks, computed independently
+    policy = CachedVLAPolicy(model, "full")
+    text_ids = tokenizer.encode_batch([demo.instruction])
+    errors = []
+    for t, steps in ((0, [0, 1]), (2, [2, 3]), (4, [4, 4])):
+        out = policy.step(torch.as_tensor(demo.images[t])[None], text_ids, torch.as_tensor(demo.proprio[t])[None])
+        target = torch.as_tensor(demo.actions[steps]).clamp(-1, 1).reshape(-1)
+        errors.append((out.actions[0] - target).abs().mean())
+    assert full.l1_vs_demo == pytest.approx(float(torch.stack(errors).mean()), abs=1e-6)
+    assert static.reuse_ratio > 0  # tau 0 reuses every cached token after the first frame

@@ -232,6 +232,14 @@ def eval_command(
                       f"{s.delta_vs_full:+.1%}", f"{s.delta_ci[0]:+.1%}..{s.delta_ci[1]:+.1%}", f"{s.step_ms:.1f}",
                       f"{s.speedup_step:.2f}x", f"{s.reuse_ratio:.1%}", f"{s.flops / 1e6:.0f}")
     console.print(table)
+    parts = Table(title="policy step by part, all tasks: medians over every step (ms)")
+    for column in ("method", "vision", "select", "prefill", "decode", "step", "prefill share"):
+        parts.add_column(column, justify="left" if column == "method" else "right")
+    for s in summaries:
+        if s.task == "all":
+            parts.add_row(s.method, f"{s.vision_ms:.1f}", f"{s.select_ms:.2f}", f"{s.prefill_ms:.1f}",
+                          f"{s.decode_ms:.1f}", f"{s.step_ms:.1f}", f"{s.prefill_ms / s.step_ms:.0%}")
+    console.print(parts)
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(evaluate.summaries_as_json(summaries), indent=2))

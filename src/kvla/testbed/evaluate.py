@@ -229,18 +229,21 @@ def save_video(frames: list[np.ndarray], path, fps: int = 10) -> None:
 @dataclass
 class FidelityRecord:
     method: str
-    frames: int
-    token_agreement: float  # fraction of action tokens equal to full's on the same frames
+    frames: int  # frames the policy acted on
+    token_agreement: float  # fraction of action tokens (whole chunks) equal to full's on the same frames
     l1_vs_full: float  # mean |action - full's action|
     l1_vs_demo: float  # mean |action - demonstrated action|
     reuse_ratio: float
 
 
 def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: bool = True) -> list[FidelityRecord]:
-    """Feed held-out demonstration episodes frame by frame (teacher-forced: the recorded observations,
-    not the policy's own) to every method; compare actions with `full` and with the demonstration."""
+    """Feed held-out demonstration episodes (teacher-forced: the recorded observations, not the
+    policy's own) to every method at the frames the policy would act on - every frame, or with an
+    action chunk of K every K-th frame, as in the closed loop - and compare the whole predicted
+    action (chunk) with `full`'s and with the demonstrated actions."""
     specs = list(dict.fromkeys(["full", *method_specs]))
     policies = [CachedVLAPolicy(model, parse_method(spec)) for spec in specs]
+    chunk = model.config.action_chunk
     tokens = {i: [] for i in range(len(specs))}
     actions = {i: [] for i in range(len(specs))}
     reuse = {i: [] for i in range(len(specs))}
@@ -249,15 +252,18 @@ def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: boo
         text_ids = tokenizer.encode_batch([demo.instruction])
         for policy in policies:
             policy.reset()
-        for t in range(len(demo.actions)):
+        length = len(demo.actions)
+        for t in range(0, length, chunk):
             image = torch.as_tensor(demo.images[t])[None]  # [1, (C,) S, S, 3]
             proprio = torch.as_tensor(demo.proprio[t], dtype=torch.float32)[None] if model.config.proprio_dim else None
             for index, policy in enumerate(policies):
                 out = policy.step(image, text_ids, proprio)
-                tokens[index].append(out.action_tokens[0, :model.config.action_dim])
-                actions[index].append(out.actions[0, :model.config.action_dim])
+                tokens[index].append(out.action_tokens[0])
+                actions[index].append(out.actions[0])
                 reuse[index].append(out.reuse_ratio)
-            demo_actions.append(torch.as_tensor(demo.actions[t], dtype=torch.float32).clamp(-1, 1))
+            # the demonstrated chunk t .. t+K-1, the last action repeated past the end (as in training)
+            steps = [min(t + k, length - 1) for k in range(chunk)]
+            demo_actions.append(torch.as_tensor(demo.actions[steps], dtype=torch.float32).clamp(-1, 1).reshape(-1))
     demo_actions = torch.stack(demo_actions)
     reference_tokens, reference_actions = torch.stack(tokens[0]), torch.stack(actions[0])
     records = []
