@@ -189,3 +189,27 @@ def test_fidelity_acts_on_the_frames_the_closed_loop_would(tmp_path):
         errors.append((out.actions[0] - target).abs().mean())
     assert full.l1_vs_demo == pytest.approx(float(torch.stack(errors).mean()), abs=1e-6)
     assert static.reuse_ratio > 0  # tau 0 reuses every cached token after the first frame
+
+
+def test_init_from_starts_from_a_checkpoint_and_refuses_another_shape(tmp_path):
+    data = tmp_path / "demos.hdf5"
+    _write_demo_file(data, (CAMERA, WRIST_CAMERA))
+    import kvla.testbed.train as train_module
+
+    config = dict(data=str(data), layers=2, batch_size=4, warmup_steps=2, val_every=100, log_every=1,
+                  val_episodes_per_task=1)
+    original = train_module.reference_config
+    train_module.reference_config = lambda tokenizer, **kw: original(tokenizer, **{**kw, **TINY})
+    try:
+        train_policy(TrainConfig(out=str(tmp_path / "a"), max_steps=2, **config), progress=False)
+        train_policy(TrainConfig(out=str(tmp_path / "b"), max_steps=1, lr=1e-12, init_from=str(tmp_path / "a" / "checkpoint"),
+                                 **config), progress=False)
+        with pytest.raises(ValueError, match="chunk 4"):
+            train_policy(TrainConfig(out=str(tmp_path / "c"), max_steps=1, action_chunk=2,
+                                     init_from=str(tmp_path / "a" / "checkpoint"), **config), progress=False)
+    finally:
+        train_module.reference_config = original
+    a, _ = load_policy_checkpoint(tmp_path / "a" / "checkpoint")
+    b, _ = load_policy_checkpoint(tmp_path / "b" / "checkpoint")
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(pa, pb, atol=1e-6), name  # a step at lr 1e-12 moves nothing

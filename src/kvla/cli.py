@@ -158,6 +158,7 @@ def train_policy_command(
     seed: int = typer.Option(0),
     threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
     resume: bool = typer.Option(False, help="Continue from OUT/training_state.pt."),
+    init_from: Path = typer.Option(None, help="Start from this checkpoint's weights, fresh optimizer and schedule."),
     progress: bool = typer.Option(True),
 ):
     """Behaviour cloning of the reference VLA on the demonstrations, with held-out validation episodes."""
@@ -173,7 +174,7 @@ def train_policy_command(
         raise typer.BadParameter("choose no, bf16 or fp16", param_hint="--mixed-precision")
     cfg = TrainConfig(data=str(data), out=str(out), parallel=parallel, action_chunk=action_chunk, layers=layers,
                       cameras=tuple(c.strip() for c in cameras.split(",") if c.strip()),
-                      mixed_precision=mixed_precision, batch_size=batch_size, lr=lr, max_steps=max_steps, max_minutes=max_minutes,
+                      mixed_precision=mixed_precision, init_from=str(init_from or ""), batch_size=batch_size, lr=lr, max_steps=max_steps, max_minutes=max_minutes,
                       val_every=val_every, seed=seed)
     metrics = train_policy(cfg, resume=resume, progress=progress)
     console.print(f"final: {json.dumps(metrics)}")
@@ -280,7 +281,7 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
     from dataclasses import asdict
 
     from kvla.testbed import evaluate
-    from kvla.testbed.data import load_demos
+    from kvla.testbed.data import demo_index, load_demos
     from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
     from kvla.testbed.train import split_demos
 
@@ -291,12 +292,12 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
     # the training run's own held-out episodes (its config is saved beside or inside the checkpoint)
     train_cfgs = [p for p in (checkpoint / "train_config.json", checkpoint.parent / "train_config.json") if p.exists()]
     held_out_per_task = json.loads(train_cfgs[0].read_text())["val_episodes_per_task"] if train_cfgs else 4
-    _, held_out = split_demos([d for d in load_demos(data, cameras) if d.task in task_list], held_out_per_task)
+    _, held_out = split_demos([d for d in demo_index(data) if d.task in task_list], held_out_per_task)
     chosen: dict[str, list] = {}
-    for demo in held_out:
-        if len(chosen.setdefault(demo.task, [])) < episodes_per_task:
-            chosen[demo.task].append(demo)
-    demos = [d for task_demos in chosen.values() for d in task_demos]
+    for info in held_out:
+        if len(chosen.setdefault(info.task, [])) < episodes_per_task:
+            chosen[info.task].append(info.name)
+    demos = load_demos(data, cameras, [name for names in chosen.values() for name in names])  # only these frames
     records = evaluate.run_fidelity(model, tokenizer, demos, specs, progress=progress)
     table = Table(title=f"kvla eval --fidelity - {len(demos)} held-out demonstrations, teacher-forced")
     for column in ("method", "frames", "token agreement with full", "L1 vs full", "L1 vs demo", "reuse"):

@@ -25,6 +25,7 @@ class TrainConfig:
     layers: int = 8  # decoder layers
     cameras: tuple[str, ...] = ()  # cameras of the data file to train on; () = all it recorded
     mixed_precision: str = "bf16"  # accelerate's setting: "no", "bf16" (CPU with AVX512-BF16, GPU) or "fp16"
+    init_from: str = ""  # start from this checkpoint's weights with a fresh optimizer and schedule (not --resume)
     batch_size: int = 16
     lr: float = 3e-4
     weight_decay: float = 0.01
@@ -194,6 +195,18 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     if resume and state_path.exists():
         model = VLAModel.from_pretrained(out / "checkpoint")
         tokenizer = InstructionTokenizer.load(out / "checkpoint")
+    elif cfg.init_from:
+        from kvla.model.reference import checkpoint_cameras
+
+        model = VLAModel.from_pretrained(cfg.init_from)
+        tokenizer = InstructionTokenizer.load(cfg.init_from)
+        config = model.config
+        if checkpoint_cameras(cfg.init_from) != cameras or (config.parallel_actions, config.action_chunk) != (
+                cfg.parallel, cfg.action_chunk) or config.image_size != image_size:
+            raise ValueError(
+                f"{cfg.init_from} was trained on cameras {checkpoint_cameras(cfg.init_from)} at {config.image_size} px "
+                f"with parallel={config.parallel_actions}, chunk {config.action_chunk}; this run has cameras {cameras} "
+                f"at {image_size} px, parallel={cfg.parallel}, chunk {cfg.action_chunk}")
     else:
         model = VLAModel(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk,
                                           num_layers=cfg.layers, num_cameras=len(cameras), image_size=image_size))
