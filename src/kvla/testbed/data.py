@@ -202,9 +202,9 @@ def demo_cameras(path: str | Path) -> tuple[str, ...]:
         return tuple(str(c) for c in f.attrs.get("cameras", [CAMERA]))
 
 
-def load_demos(path: str | Path, cameras: tuple[str, ...] | None = None, names: list[str] | None = None) -> list[Demo]:
-    """The demos of a file (all, or the groups `names` from demo_index), frames included:
-    images [T, C, S, S, 3] of `cameras` (default: all recorded)."""
+def iter_demos(path: str | Path, cameras: tuple[str, ...] | None = None, names: list[str] | None = None):
+    """The demos of a file (all, or the groups `names` from demo_index), read one at a time, frames
+    included: images [T, C, S, S, 3] of `cameras` (default: all recorded)."""
     import h5py
 
     recorded = demo_cameras(path)
@@ -213,13 +213,16 @@ def load_demos(path: str | Path, cameras: tuple[str, ...] | None = None, names: 
     if missing:
         raise ValueError(f"{path} has no frames from camera(s) {', '.join(missing)}; it recorded {', '.join(recorded)}")
     with h5py.File(path, "r") as f:
-        demos = []
         for name in _demo_keys(f["data"]) if names is None else names:
             g = f["data"][name]
             images = np.stack([g[f"obs/{CAMERA_KEYS[c]}"][()] for c in cameras], axis=1)
-            demos.append(Demo(str(g.attrs["task"]), str(g.attrs["instruction"]), int(g.attrs["seed"]),
-                              images, g["obs/proprio"][()], g["actions"][()]))
-        return demos
+            yield Demo(str(g.attrs["task"]), str(g.attrs["instruction"]), int(g.attrs["seed"]),
+                       images, g["obs/proprio"][()], g["actions"][()])
+
+
+def load_demos(path: str | Path, cameras: tuple[str, ...] | None = None, names: list[str] | None = None) -> list[Demo]:
+    """iter_demos as a list."""
+    return list(iter_demos(path, cameras, names))
 
 
 data_app = typer.Typer(help="Demonstrations: scripted MetaWorld experts.", no_args_is_help=True)

@@ -145,20 +145,6 @@ def split_demos(demos, val_per_task: int):
     return train, val
 
 
-def _iter_demos(path, infos, cameras):
-    """The demos named by `infos`, read one at a time (frames of `cameras`)."""
-    import h5py
-    import numpy as np
-
-    from kvla.testbed.data import CAMERA_KEYS, Demo
-
-    with h5py.File(path, "r") as f:
-        for info in infos:
-            g = f["data"][info.name]
-            images = np.stack([g[f"obs/{CAMERA_KEYS[c]}"][()] for c in cameras], axis=1)
-            yield Demo(info.task, info.instruction, info.seed, images, g["obs/proprio"][()], g["actions"][()])
-
-
 def save_observation_spec(directory, cameras: tuple[str, ...], image_size: int) -> None:
     """sim.json: which simulator cameras, in which order, the checkpoint's visual tokens come from."""
     Path(directory, "sim.json").write_text(json.dumps({"cameras": list(cameras), "image_size": image_size}))
@@ -167,7 +153,7 @@ def save_observation_spec(directory, cameras: tuple[str, ...], image_size: int) 
 def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     from accelerate import Accelerator
 
-    from kvla.testbed.data import demo_cameras, demo_index
+    from kvla.testbed.data import demo_cameras, demo_index, iter_demos
     from kvla.testbed.sim import TASKS
 
     out = Path(cfg.out)
@@ -184,7 +170,7 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     train_infos, val_infos = split_demos(infos, cfg.val_episodes_per_task)
 
     def frames_of(selected):
-        return DemoFrames(_iter_demos(cfg.data, selected, cameras), tokenizer, cfg.action_chunk,
+        return DemoFrames(iter_demos(cfg.data, cameras, [i.name for i in selected]), tokenizer, cfg.action_chunk,
                           total_frames=sum(i.length for i in selected))
 
     train_frames = frames_of(train_infos)
