@@ -20,31 +20,36 @@ import typer
 from kvla.testbed.evaluate import EVAL_SEED_START
 from kvla.methods import parse_method
 from kvla.policy import CachedVLAPolicy
-from kvla.model.reference import load_policy_checkpoint
+from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
 from kvla.testbed.sim import TASKS, SimEnv
 
 
-def main(checkpoint: str = "checkpoints/reference-vla", tasks: str = "reach-v3,push-v3,pick-place-v3",
+def main(checkpoint: str = "checkpoints/reference-vla-v2", tasks: str = "reach-v3,push-v3,pick-place-v3",
          episodes: int = 10, max_steps: int = 200, threads: int = 2):
     torch.set_num_threads(threads)
     model, tokenizer = load_policy_checkpoint(checkpoint)
+    cameras, config = checkpoint_cameras(checkpoint), model.config
     policy = CachedVLAPolicy(model, parse_method("full"))
     for task in tasks.split(","):
         text_ids = tokenizer.encode_batch([TASKS[task]])
         rows = []
         for seed in range(EVAL_SEED_START, EVAL_SEED_START + episodes):
             policy.reset()
-            with SimEnv(task, seed, image_size=model.config.image_size, max_steps=max_steps) as env:
+            with SimEnv(task, seed, image_size=config.image_size, max_steps=max_steps, cameras=cameras) as env:
                 observation, done, success = env.reset(), False, False
                 raw = env._live_env
                 target = np.array(raw._target_pos, dtype=np.float64)  # copies: mujoco hands out live views
                 start_hand = np.array(raw.tcp_center, dtype=np.float64)
                 start_object = np.array(raw._get_pos_objects()[:3], dtype=np.float64)
                 while not done:
-                    out = policy.step(torch.from_numpy(observation["image"])[None], text_ids,
+                    out = policy.step(torch.from_numpy(observation["images"])[None], text_ids,
                                       torch.from_numpy(observation["proprio"])[None])
-                    observation, step_success, done = env.step(out.actions[0, :model.config.action_dim].numpy())
-                    success |= step_success
+                    # the whole chunk, open loop, as kvla eval runs it
+                    for action in out.actions[0].reshape(config.action_chunk, config.action_dim).numpy():
+                        observation, step_success, done = env.step(action)
+                        success |= step_success
+                        if done:
+                            break
                 hand = np.linalg.norm(np.asarray(raw.tcp_center) - target)
                 obj = np.linalg.norm(np.asarray(raw._get_pos_objects()[:3]) - target)
                 del raw  # a closed env collected while the next one is live blanks that one's frames

@@ -79,6 +79,41 @@ def test_tiny_collect_round_trip(tmp_path):
 
 
 @needs_sim
+def test_wrist_camera_round_trip(tmp_path):
+    """Both cameras: the main view is the one-camera env's image, the wrist view its own, and a
+    collected episode starts with exactly the frames a fresh env shows."""
+    with SimEnv("push-v3", 3, image_size=64, cameras=sim.CAMERAS) as env:
+        both = env.reset()
+        moved = both
+        for _ in range(8):
+            moved, _, _ = env.step(expert_action("push-v3", moved["state"]))
+    assert both["images"].shape == (2, 64, 64, 3) and np.array_equal(both["image"], both["images"][0])
+    assert np.array_equal(both["images"][0], first_observation("push-v3", 3)["image"])
+    assert not np.array_equal(both["images"][0], both["images"][1])
+    # the wrist camera rides on the hand: it changes more than the fixed view when the hand moves
+    change = lambda a, b: np.abs(a.astype(int) - b.astype(int)).mean()
+    assert change(moved["images"][1], both["images"][1]) > change(moved["images"][0], both["images"][0])
+
+    path = tmp_path / "demos.hdf5"
+    collect(path, ["reach-v3"], episodes_per_task=1, seed_start=5, image_size=64, workers=1, progress=False,
+            cameras=sim.CAMERAS)
+    (demo,) = load_demos(path)
+    assert demo.images.shape[1:] == (2, 64, 64, 3)
+    with SimEnv("reach-v3", 5, image_size=64, cameras=sim.CAMERAS) as env:
+        assert np.array_equal(demo.images[0], env.reset()["images"])
+    assert np.array_equal(load_demos(path, (sim.WRIST_CAMERA,))[0].images[:, 0], demo.images[:, 1])
+
+
+def test_bad_cameras_are_refused_before_an_env_is_made():
+    with pytest.raises(ValueError, match="no camera 'wrist'"):
+        SimEnv("reach-v3", 0, cameras=("corner2", "wrist"))
+    with pytest.raises(ValueError, match="distinct"):
+        SimEnv("reach-v3", 0, cameras=("corner2", "corner2"))
+    with pytest.raises(ValueError, match="distinct"):
+        collect("unused.hdf5", ["reach-v3"], cameras=("corner2", "corner2"))
+
+
+@needs_sim
 def test_unknown_task():
     with pytest.raises(ValueError, match="reach-v9"):
         SimEnv("reach-v9", 0)

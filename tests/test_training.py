@@ -3,10 +3,11 @@ name their cameras, and a two-camera closed loop in the real simulator."""
 
 import json
 
-import h5py
 import numpy as np
 import pytest
 import torch
+
+h5py = pytest.importorskip("h5py")
 
 from kvla.model.reference import InstructionTokenizer, checkpoint_cameras, load_policy_checkpoint, reference_config
 from kvla.model.vla import VLAModel
@@ -34,6 +35,7 @@ def _write_demo_file(path, cameras, episodes_per_task=3, length=7, size=32, task
                 g.create_dataset("obs/proprio", data=rng.standard_normal((length, 4)).astype(np.float32))
                 g.create_dataset("actions", data=rng.uniform(-1, 1, (length, 4)).astype(np.float32))
         f.attrs["cameras"] = list(cameras)
+        f.attrs["image_size"] = size
 
 
 def test_demo_file_cameras_are_stacked_in_order(tmp_path):
@@ -204,12 +206,32 @@ def test_init_from_starts_from_a_checkpoint_and_refuses_another_shape(tmp_path):
         train_policy(TrainConfig(out=str(tmp_path / "a"), max_steps=2, **config), progress=False)
         train_policy(TrainConfig(out=str(tmp_path / "b"), max_steps=1, lr=1e-12, init_from=str(tmp_path / "a" / "checkpoint"),
                                  **config), progress=False)
-        with pytest.raises(ValueError, match="chunk 4"):
+        with pytest.raises(ValueError, match=r"action chunk 4 \(this run: 2\)"):
             train_policy(TrainConfig(out=str(tmp_path / "c"), max_steps=1, action_chunk=2,
                                      init_from=str(tmp_path / "a" / "checkpoint"), **config), progress=False)
+        with pytest.raises(ValueError, match=r"cameras \('corner2', 'gripperPOV'\) \(this run: \('gripperPOV', 'corner2'\)\)"):
+            train_policy(TrainConfig(out=str(tmp_path / "a"), max_steps=3, cameras=(WRIST_CAMERA, CAMERA), **config),
+                         resume=True, progress=False)
+        # another precision in the same process: accelerate's per-process state is renewed per run
+        train_policy(TrainConfig(out=str(tmp_path / "d"), max_steps=1, **{**config, "mixed_precision": "no"}),
+                     progress=False)
     finally:
         train_module.reference_config = original
     a, _ = load_policy_checkpoint(tmp_path / "a" / "checkpoint")
     b, _ = load_policy_checkpoint(tmp_path / "b" / "checkpoint")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(pa, pb, atol=1e-6), name  # a step at lr 1e-12 moves nothing
+
+
+def test_mixed_precision_settings():
+    from kvla.testbed.train import resolve_mixed_precision
+
+    assert resolve_mixed_precision("no") == "no" and resolve_mixed_precision("bf16") == "bf16"
+    assert resolve_mixed_precision("auto") in ("no", "bf16")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        resolve_mixed_precision("int8")
+
+
+def test_a_checkpoint_tokenizer_names_the_words_it_does_not_know():
+    tokenizer = InstructionTokenizer.from_instructions(["open the drawer"])
+    assert tokenizer.unknown_words("Open the box") == ["box"] and tokenizer.unknown_words("open the drawer") == []

@@ -149,7 +149,7 @@ def train_policy_command(
     action_chunk: int = typer.Option(4, help="Future steps per prediction (needs --parallel)."),
     layers: int = typer.Option(8, help="Decoder layers."),
     cameras: str = typer.Option("", help="Comma-separated cameras of the data to train on (default: all recorded)."),
-    mixed_precision: str = typer.Option("bf16", help="no, bf16 or fp16 (accelerate)."),
+    mixed_precision: str = typer.Option("auto", help="auto (bf16 on a GPU or a CPU with native bf16), no, bf16 or fp16."),
     batch_size: int = typer.Option(16),
     lr: float = typer.Option(3e-4),
     max_steps: int = typer.Option(20000),
@@ -170,8 +170,8 @@ def train_policy_command(
         raise typer.BadParameter("action chunks need --parallel", param_hint="--action-chunk")
     if threads:
         torch.set_num_threads(threads)
-    if mixed_precision not in ("no", "bf16", "fp16"):
-        raise typer.BadParameter("choose no, bf16 or fp16", param_hint="--mixed-precision")
+    if mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise typer.BadParameter("choose auto, no, bf16 or fp16", param_hint="--mixed-precision")
     cfg = TrainConfig(data=str(data), out=str(out), parallel=parallel, action_chunk=action_chunk, layers=layers,
                       cameras=tuple(c.strip() for c in cameras.split(",") if c.strip()),
                       mixed_precision=mixed_precision, init_from=str(init_from or ""), batch_size=batch_size, lr=lr, max_steps=max_steps, max_minutes=max_minutes,

@@ -38,7 +38,7 @@ class CachedVLAPolicy:
 
     policy = CachedVLAPolicy(model, "vla_cache")
     policy.reset()                      # at the start of every episode
-    out = policy.step(frames, text_ids)  # frames uint8 [B, H, W, 3]
+    out = policy.step(frames, text_ids)  # frames uint8 [B, H, W, 3], or [B, cameras, H, W, 3]
     """
 
     def __init__(self, model: VLAModel, method: ReuseMethod | str = "full"):

@@ -32,12 +32,17 @@ class PrefillResult:
     layer_entropy: torch.Tensor | None  # [B, L]
     computed_tokens: list[int]  # per layer, rows actually computed (padding included)
     statistic_rows: list[int]  # per layer, query rows recomputed for attention statistics (padding included)
-    pruned: torch.Tensor | None  # [B, V] bool, FastV drops
+    pruned: torch.Tensor | None  # [B, V] bool, visual tokens dropped by a pruning plan
     visual_depth: torch.Tensor  # [B, V] layers each visual token was actually computed in
 
     def reuse_ratio(self, num_layers: int) -> float:
-        """Fraction of visual (token, layer) computations skipped (reused, or pruned by FastV)."""
+        """Fraction of visual (token, layer) computations skipped (reused, or pruned)."""
         return 1.0 - self.visual_depth.float().sum().item() / (self.visual_depth.numel() * num_layers)
+
+
+def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tensor[b, index[b, i], ...] for a [B, rows, ...] tensor and a [B, n] row index."""
+    return tensor.gather(1, index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
 
 
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
@@ -118,8 +123,7 @@ class PartialPrefillEngine:
 
         The same projections and rotary function the layer itself applies; only these rows.
         """
-        take = lambda t: t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
-        rows_in, cos, sin = take(layer_input), take(cos), take(sin)
+        rows_in, cos, sin = (_gather_rows(t, index) for t in (layer_input, cos, sin))
         mask = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
         attn = layer.self_attn
         batch, rows, _ = rows_in.shape
@@ -220,7 +224,7 @@ class PartialPrefillEngine:
                 score = text_probs[..., visual_positions].mean(dim=(1, 2))
                 relevance_sum = score if relevance_sum is None else relevance_sum + score
             if index == prune_layer:
-                # FastV: attention the last prompt position pays each visual token, mean over heads
+                # pruning: rank by the attention the last prompt position pays each visual token, mean over heads
                 last_row = self._rows_of(stat_positions, last_position)[:, 0]
                 last_probs = probs.gather(2, last_row[:, None, None, None].expand(-1, probs.shape[1], 1, probs.shape[-1]))
                 received = last_probs[:, :, 0, visual_positions].mean(1)  # [B, V]
@@ -279,8 +283,7 @@ class PartialPrefillEngine:
         """Reorder the current rows so that the tokens still computed form a prefix again."""
         row_depth = new_depth.gather(1, rows)
         local = torch.argsort(-row_depth, dim=1, stable=True)
-        take = lambda t: t.gather(1, local.view(*local.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:]))
-        hidden, rows, cos, sin, row_depth = take(hidden), take(rows), take(cos), take(sin), take(row_depth)
+        hidden, rows, cos, sin, row_depth = (_gather_rows(t, local) for t in (hidden, rows, cos, sin, row_depth))
         mask = mask.gather(2, local[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
         counts = (row_depth[:, :, None] > torch.arange(num_layers, device=rows.device)).sum(1).max(0).values.tolist()
         rows_per_layer = rows_per_layer[: index + 1] + counts[index + 1:]

@@ -33,7 +33,7 @@ class EpisodeState:
         self.kv_complete: torch.Tensor | None = None  # [B, V] bool: cached K/V valid in every layer
         self.relevance: torch.Tensor | None = None  # [B, V] text->visual attention of the last step
         self.layer_entropy: torch.Tensor | None = None  # [B, L] attention entropy of the last step that took it
-        self.pruned_keys: torch.Tensor | None = None  # [B, S] bool, FastV drops of the last prefill
+        self.pruned_keys: torch.Tensor | None = None  # additive [B, 1, 1, slots] mask of the last prefill's drops
         self.prune_after_layer: int | None = None
 
     @property

@@ -102,6 +102,8 @@ class VLACache(ReuseMethod):
             raise ValueError(f"schedule must be 'paper', 'code' or 'none', got {self.schedule!r}")
         if not 0.0 <= self.tau <= 1.0 or self.top_k < 0 or self.task_top_k < 0:
             raise ValueError("tau must lie in [0, 1] and top_k, task_top_k must be >= 0")
+        if self.relevance_depth is not None and self.relevance_layers:
+            raise ValueError("give relevance_layers or relevance_depth, not both")
         if self.relevance_depth is not None and not 0.0 <= self.relevance_depth < 1.0:
             raise ValueError(f"relevance_depth must lie in [0, 1), got {self.relevance_depth}")
 

@@ -57,6 +57,11 @@ class InstructionTokenizer:
             raise ValueError(f"instruction {instruction!r} has {len(ids)} tokens; this tokenizer takes {self.max_length}")
         return ids + [PAD_TOKEN_ID] * (self.max_length - len(ids))
 
+    def unknown_words(self, instruction: str) -> list[str]:
+        """The words of `instruction` this tokenizer would map to [UNK]."""
+        vocab = self.tokenizer.get_vocab()
+        return [w for w, _ in self.tokenizer.pre_tokenizer.pre_tokenize_str(instruction.lower()) if w not in vocab]
+
     def encode_batch(self, instructions: list[str]) -> torch.Tensor:
         return torch.tensor([self.encode(text) for text in instructions], dtype=torch.long)
 
@@ -83,9 +88,11 @@ def reference_config(tokenizer: InstructionTokenizer, parallel: bool = False, ac
 def checkpoint_cameras(directory) -> tuple[str, ...]:
     """The simulator cameras a checkpoint's visual tokens come from, in order (sim.json; the
     first reference VLA predates it and saw corner2 only)."""
+    from kvla.testbed.sim import CAMERA
+
     path = Path(directory) / "sim.json"
     if not path.exists():
-        return ("corner2",)
+        return (CAMERA,)
     return tuple(json.loads(path.read_text())["cameras"])
 
 

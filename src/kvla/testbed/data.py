@@ -120,8 +120,8 @@ def collect(out_path: str | Path, tasks: list[str] | None = None, episodes_per_t
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     unknown_cameras = [c for c in cameras if c not in CAMERA_KEYS]
-    if unknown_cameras or not cameras:
-        raise ValueError(f"cameras must be some of {', '.join(CAMERA_KEYS)}; got {', '.join(cameras) or 'none'}")
+    if unknown_cameras or not cameras or len(set(cameras)) != len(cameras):
+        raise ValueError(f"cameras must be distinct names among {', '.join(CAMERA_KEYS)}; got {', '.join(cameras) or 'none'}")
     max_attempts = 2 * episodes_per_task + 10 if max_attempts is None else max_attempts
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,16 +202,29 @@ def demo_cameras(path: str | Path) -> tuple[str, ...]:
         return tuple(str(c) for c in f.attrs.get("cameras", [CAMERA]))
 
 
-def iter_demos(path: str | Path, cameras: tuple[str, ...] | None = None, names: list[str] | None = None):
-    """The demos of a file (all, or the groups `names` from demo_index), read one at a time, frames
-    included: images [T, C, S, S, 3] of `cameras` (default: all recorded)."""
+def demo_image_size(path: str | Path) -> int:
+    """The square image side of a demonstration file's frames."""
     import h5py
 
+    with h5py.File(path, "r") as f:
+        return int(f.attrs["image_size"])
+
+
+def iter_demos(path: str | Path, cameras: tuple[str, ...] | None = None, names: list[str] | None = None):
+    """The demos of a file (all, or the groups `names` from demo_index), read one at a time, frames
+    included: images [T, C, S, S, 3] of `cameras` (default: all recorded). The cameras are checked
+    here, before the first frame is read."""
     recorded = demo_cameras(path)
     cameras = recorded if cameras is None else tuple(cameras)
     missing = [c for c in cameras if c not in recorded]
     if missing:
         raise ValueError(f"{path} has no frames from camera(s) {', '.join(missing)}; it recorded {', '.join(recorded)}")
+    return _read_demos(path, cameras, names)
+
+
+def _read_demos(path, cameras: tuple[str, ...], names: list[str] | None):
+    import h5py
+
     with h5py.File(path, "r") as f:
         for name in _demo_keys(f["data"]) if names is None else names:
             g = f["data"][name]

@@ -51,12 +51,13 @@ def shade_reused(images: np.ndarray, visual_depth: torch.Tensor, num_layers: int
 
 
 def run_episode(policy: CachedVLAPolicy, text_ids: torch.Tensor, task: str, seed: int, image_size: int,
-                max_steps: int, record: bool = False, cameras: tuple[str, ...] = ("corner2",)):
+                max_steps: int, record: bool = False, cameras: tuple[str, ...] | None = None):
     """One closed-loop episode; returns (outcome, frames with reused patches shaded if record).
 
     `cameras` are the simulator cameras whose images the model takes, in its visual-token order."""
-    from kvla.testbed.sim import SimEnv
+    from kvla.testbed.sim import CAMERA, SimEnv
 
+    cameras = (CAMERA,) if cameras is None else tuple(cameras)
     model = policy.model
     cfg, layers = model.config, policy.engine.num_layers
     if len(cameras) != cfg.num_cameras:
@@ -190,7 +191,8 @@ def episodes_as_json(results: list[list[EpisodeOutcome]]) -> list[dict]:
     """One record per episode and method, so paired analyses beyond ours can be run on the raw outcomes."""
     return [{"method": o.method, "task": o.task, "seed": o.seed, "success": o.success, "steps": o.steps,
              "step_ms_median": statistics.median(o.step_ms) if o.step_ms else None,
-             "prefill_ms_median": statistics.median(o.prefill_ms) if o.prefill_ms else None,
+             **{f"{part}_ms_median": statistics.median(getattr(o, f"{part}_ms")) if getattr(o, f"{part}_ms") else None
+                for part in ("vision", "select", "prefill", "decode")},
              "reuse_ratio": statistics.fmean(o.reuse) if o.reuse else 0.0}
             for job in results for o in job]
 
@@ -218,7 +220,7 @@ def plot_success_vs_speedup(summaries: list[MethodSummary], path) -> None:
 
 
 def save_video(frames: list[np.ndarray], path, fps: int = 10) -> None:
-    """An animated GIF of the episode (frames uint8 [S, S, 3])."""
+    """An animated GIF of the episode (frames uint8 [S, C * S, 3]: the cameras side by side)."""
     from PIL import Image
 
     images = [Image.fromarray(f).resize((f.shape[1] * 2, f.shape[0] * 2), Image.NEAREST) for f in frames]

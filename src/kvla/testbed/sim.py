@@ -39,6 +39,8 @@ CAMERA = "corner2"  # the third-person camera (agentview)
 CAMERA_POS = (0.75, 0.075, 0.7)  # corner2 moved closer: objects are tiny at 128 px otherwise
 WRIST_CAMERA = "gripperPOV"  # mounted on the gripper: the close view OpenVLA-OFT adds
 CAMERAS = (CAMERA, WRIST_CAMERA)
+# every camera of MetaWorld's Sawyer scene
+KNOWN_CAMERAS = ("corner", "corner2", "corner3", "corner4", "topview", "behindGripper", "gripperPOV")
 # Cameras whose raw render is upside down (and mirrored); the others render upright.
 _FLIPPED_CAMERAS = {CAMERA}
 VARIATIONS_PER_BENCHMARK = 50  # MT1 makes this many task variations per benchmark seed
@@ -75,14 +77,15 @@ def ensure_rendering() -> None:
     several processes at once: the check and the install run under one machine-wide file lock,
     so a second process waits for the first one's install instead of racing it for dpkg's lock.
     """
-    if missing_gl_packages():
+    if missing := missing_gl_packages():
+        if os.geteuid() != 0:  # before the lock: a lock file root made may not be ours to open
+            command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+            raise RuntimeError(f"offscreen rendering needs the Debian packages {', '.join(missing)}: "
+                               f"run `sudo apt-get update && sudo {' '.join(command)}`")
         with open(_setup_lock_path(), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             if missing := missing_gl_packages():  # again: another process may have installed them
                 command = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-                if os.geteuid() != 0:
-                    raise RuntimeError(f"offscreen rendering needs the Debian packages {', '.join(missing)}: "
-                                       f"run `sudo apt-get update && sudo {' '.join(command)}`")
                 env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
                 for step in (["apt-get", "update", "-q"], command):
                     done = subprocess.run(step, env=env, capture_output=True, text=True)
@@ -160,8 +163,10 @@ class SimEnv:
     def __init__(self, task: str, seed: int, image_size: int = 128, max_steps: int | None = None,
                  cameras: tuple[str, ...] = (CAMERA,)):
         _check_task(task)
-        if not cameras:
-            raise ValueError("SimEnv needs at least one camera")
+        if not cameras or len(set(cameras)) != len(cameras):
+            raise ValueError(f"SimEnv needs one or more distinct cameras, got {cameras}")
+        if unknown := [c for c in cameras if c not in KNOWN_CAMERAS]:
+            raise ValueError(f"MetaWorld has no camera {', '.join(map(repr, unknown))}; known: {', '.join(KNOWN_CAMERAS)}")
         _metaworld()  # sets up GL before mujoco is first imported
         import mujoco
 
@@ -176,12 +181,7 @@ class SimEnv:
         self._viewer = env.mujoco_renderer._get_viewer("rgb_array")
         self._viewer.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0  # shadows and reflections cost
         self._viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0  # most of a software render
-        self._camera_ids = []
-        for name in cameras:
-            camera_id = mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, name)
-            if camera_id < 0:
-                raise ValueError(f"MetaWorld has no camera {name!r}; known: {CAMERA}, {WRIST_CAMERA}, corner3, topview")
-            self._camera_ids.append(camera_id)
+        self._camera_ids = [mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, name) for name in cameras]
         self.cameras = tuple(cameras)
         self._env: Any = env
         self.steps = 0

@@ -24,7 +24,7 @@ class TrainConfig:
     action_chunk: int = 4  # future steps predicted at once (needs parallel)
     layers: int = 8  # decoder layers
     cameras: tuple[str, ...] = ()  # cameras of the data file to train on; () = all it recorded
-    mixed_precision: str = "bf16"  # accelerate's setting: "no", "bf16" (CPU with AVX512-BF16, GPU) or "fp16"
+    mixed_precision: str = "auto"  # "auto" (bf16 where native: GPU, AVX512-BF16 CPU), "no", "bf16" or "fp16"
     init_from: str = ""  # start from this checkpoint's weights with a fresh optimizer and schedule (not --resume)
     batch_size: int = 16
     lr: float = 3e-4
@@ -150,10 +150,40 @@ def save_observation_spec(directory, cameras: tuple[str, ...], image_size: int) 
     Path(directory, "sim.json").write_text(json.dumps({"cameras": list(cameras), "image_size": image_size}))
 
 
+def resolve_mixed_precision(setting: str) -> str:
+    """accelerate's mixed_precision for `setting`; "auto": bf16 on a GPU or on a CPU with native
+    bf16 arithmetic (AVX512-BF16 or AMX), else "no" (emulated bf16 is slower and no more exact)."""
+    if setting != "auto":
+        if setting not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {setting!r}")
+        return setting
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
+
+
+def _check_continuation(directory: Path, config, cameras: tuple[str, ...], image_size: int, cfg: TrainConfig) -> None:
+    """A run that starts from a checkpoint (--resume, --init-from) must have that checkpoint's shape."""
+    from kvla.model.reference import checkpoint_cameras
+
+    theirs = (checkpoint_cameras(directory), config.image_size, config.parallel_actions, config.action_chunk,
+              config.num_layers)
+    ours = (cameras, image_size, cfg.parallel, cfg.action_chunk, cfg.layers)
+    if theirs != ours:
+        names = ("cameras", "image size", "parallel", "action chunk", "layers")
+        differ = ", ".join(f"{n} {t} (this run: {o})" for n, t, o in zip(names, theirs, ours) if t != o)
+        raise ValueError(f"{directory} does not match this run: it has {differ}")
+
+
 def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
-    from kvla.testbed.data import demo_cameras, demo_index, iter_demos
+    from kvla.testbed.data import demo_cameras, demo_image_size, demo_index, iter_demos
     from kvla.testbed.sim import TASKS
 
     out = Path(cfg.out)
@@ -162,11 +192,23 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     infos = demo_index(cfg.data)
     if not infos:
         raise ValueError(f"{cfg.data} holds no demonstrations")
-    recorded = demo_cameras(cfg.data)
-    cameras = tuple(cfg.cameras) or recorded
-    if missing := [c for c in cameras if c not in recorded]:
-        raise ValueError(f"{cfg.data} has no frames from camera(s) {', '.join(missing)}; it recorded {', '.join(recorded)}")
-    tokenizer = InstructionTokenizer.from_instructions(sorted(set(TASKS.values()) | {d.instruction for d in infos}))
+    cameras = tuple(cfg.cameras) or demo_cameras(cfg.data)
+    image_size = demo_image_size(cfg.data)
+    instructions = sorted({d.instruction for d in infos})
+
+    state_path = out / "training_state.pt"
+    start_from = out / "checkpoint" if resume and state_path.exists() else Path(cfg.init_from) if cfg.init_from else None
+    if start_from is not None:
+        model = VLAModel.from_pretrained(start_from)
+        tokenizer = InstructionTokenizer.load(start_from)
+        _check_continuation(start_from, model.config, cameras, image_size, cfg)
+        unknown = [text for text in instructions if tokenizer.unknown_words(text)]
+        if unknown:
+            raise ValueError(f"{start_from}'s tokenizer does not know the words of {unknown}")
+    else:
+        tokenizer = InstructionTokenizer.from_instructions(sorted(set(TASKS.values()) | set(instructions)))
+        model = VLAModel(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk,
+                                          num_layers=cfg.layers, num_cameras=len(cameras), image_size=image_size))
     train_infos, val_infos = split_demos(infos, cfg.val_episodes_per_task)
 
     def frames_of(selected):
@@ -175,29 +217,11 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
 
     train_frames = frames_of(train_infos)
     val_frames = frames_of(val_infos) if val_infos else None
-    image_size = train_frames.images.shape[-2]
 
-    state_path = out / "training_state.pt"
-    if resume and state_path.exists():
-        model = VLAModel.from_pretrained(out / "checkpoint")
-        tokenizer = InstructionTokenizer.load(out / "checkpoint")
-    elif cfg.init_from:
-        from kvla.model.reference import checkpoint_cameras
-
-        model = VLAModel.from_pretrained(cfg.init_from)
-        tokenizer = InstructionTokenizer.load(cfg.init_from)
-        config = model.config
-        if checkpoint_cameras(cfg.init_from) != cameras or (config.parallel_actions, config.action_chunk) != (
-                cfg.parallel, cfg.action_chunk) or config.image_size != image_size:
-            raise ValueError(
-                f"{cfg.init_from} was trained on cameras {checkpoint_cameras(cfg.init_from)} at {config.image_size} px "
-                f"with parallel={config.parallel_actions}, chunk {config.action_chunk}; this run has cameras {cameras} "
-                f"at {image_size} px, parallel={cfg.parallel}, chunk {cfg.action_chunk}")
-    else:
-        model = VLAModel(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk,
-                                          num_layers=cfg.layers, num_cameras=len(cameras), image_size=image_size))
+    # accelerate keeps one precision state per process; a fresh one per run lets a process train twice
+    AcceleratorState._reset_state(reset_partial_state=True)
     # accelerate owns device placement and mixed precision (bf16 autocast on this CPU, AMP on a GPU)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
