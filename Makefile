@@ -10,7 +10,8 @@ TORCH ?= torch==2.13.0
 .PHONY: install test test-compat demo bench clean
 CHECKPOINT ?= checkpoints/reference-vla-v2
 DEMO_TASKS ?= reach-v3,push-v3,drawer-close-v3,button-press-topdown-v3,window-close-v3
-# full, vla_cache at the paper defaults, and the documented vla_cache setting that pays on the reference VLA v2
+# full, vla_cache at the paper defaults, and vla_cache without the layer schedule (the most reuse: faster, and
+# on v2 it costs success; BENCHMARKS.md)
 DEMO_METHODS ?= full,vla_cache,vla_cache:schedule=none
 
 $(VENV)/.installed: pyproject.toml
