@@ -238,3 +238,50 @@ def test_every_method_handles_two_cameras():
                 logits, tokens = _plain_actions(model, frame, text)
                 assert (out.logits - logits).abs().max() < 1e-4
                 assert torch.equal(out.action_tokens, tokens)
+
+
+def test_embedding_similarity_selects_by_decoder_input_not_pixels():
+    # pixels identical everywhere, but the embeddings of tokens 2 and 5 moved: only they are recomputed
+    source = _patches([0.0] * 8)
+    state = _state(source)
+    state.source_embeddings = torch.ones(1, 8, 4)
+    moved = torch.ones(1, 8, 4)
+    moved[0, 2] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # cos 0
+    moved[0, 5] = torch.tensor([1.0, 1.0, 1.0, 0.8])  # cos 0.994 < 0.996
+    ctx = PlanContext(patches=source.clone(), state=state, layout=LAYOUT, num_layers=4, visual_embeddings=moved)
+    by_pixels = VLACache(schedule="none", top_k=8).plan(ctx)
+    by_embeddings = VLACache(schedule="none", top_k=8, similarity="embeddings").plan(ctx)
+    assert (by_pixels.visual_depth == 0).all()
+    assert by_embeddings.visual_depth.tolist() == [[0, 0, 4, 0, 0, 4, 0, 0]]
+    with pytest.raises(ValueError, match="similarity"):
+        VLACache(similarity="features")
+    no_embeddings = PlanContext(patches=source.clone(), state=state, layout=LAYOUT, num_layers=4)
+    with pytest.raises(RuntimeError, match="embedding"):
+        VLACache(schedule="none", similarity="embeddings").plan(no_embeddings)
+
+
+def test_source_embeddings_follow_the_recomputed_tokens():
+    model = VLAModel.from_preset("tiny")
+    torch.manual_seed(0)
+    text = torch.randint(3, 200, (1, model.config.num_text_tokens))
+    base = torch.randint(60, 200, (1, 32, 32, 3), dtype=torch.uint8)
+    changed = base.clone()
+    changed[:, :8, :8] = 0  # one corner patch changes
+    visual = model.layout.visual_positions
+
+    def embeddings_of(frame):
+        images = model.policy_images(frame)
+        return model.prompt_embeddings(model.encode_images(images), text, None)[:, visual].float()
+
+    # the encoder mixes the whole image: every embedding moves, the changed patch's most
+    similarity = torch.nn.functional.cosine_similarity(embeddings_of(changed), embeddings_of(base), dim=-1)
+    tau = similarity.median().item()
+    policy = CachedVLAPolicy(model, f"vla_cache:schedule=none:similarity=embeddings:tau={tau}:top_k=64")
+    policy.step(base, text)
+    assert torch.equal(policy.state.source_embeddings, embeddings_of(base))
+    out = policy.step(changed, text)
+    recomputed = out.visual_depth >= policy.engine.num_layers
+    assert recomputed.any() and not recomputed.all()
+    assert recomputed[similarity < tau].all()  # every token whose embedding moved more than tau is recomputed
+    expected = torch.where(recomputed[..., None], embeddings_of(changed), embeddings_of(base))
+    assert torch.equal(policy.state.source_embeddings, expected)

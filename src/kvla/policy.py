@@ -63,7 +63,8 @@ class CachedVLAPolicy:
         embeds = model.prompt_embeddings(model.encode_images(policy_images), text_ids, proprio)
         after_vision = self._sync()
         patches = model.image_patches(policy_images).to(engine.device)
-        ctx = PlanContext(patches=patches, state=self.state, layout=layout, num_layers=engine.num_layers)
+        ctx = PlanContext(patches=patches, state=self.state, layout=layout, num_layers=engine.num_layers,
+                          visual_embeddings=embeds[:, layout.visual_positions.to(embeds.device)])
         plan = self.method.plan(ctx)
         after_select = self._sync()
         result = engine.prefill(embeds, layout, plan, self.state, visual_patches=patches)

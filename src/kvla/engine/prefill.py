@@ -259,6 +259,11 @@ class PartialPrefillEngine:
             else:
                 state.source_patches = torch.where(recomputed[..., None].to(visual_patches.device),
                                                    visual_patches.float(), state.source_patches)
+        visual_embeds = embeds[:, visual_positions].float()
+        if state.source_embeddings is None:
+            state.source_embeddings = visual_embeds.clone()
+        else:
+            state.source_embeddings = torch.where(recomputed[..., None], visual_embeds, state.source_embeddings)
         state.pruned_keys = key_block
         state.prune_after_layer = plan.prune_after_layer if pruned is not None else None
         state.step += 1

@@ -12,7 +12,8 @@ class EpisodeState:
     """Per-episode KV buffers and the bookkeeping reuse decisions need. Call reset() per episode.
 
     Per visual token it remembers the step at which its oldest cached K/V was computed
-    (`source_step`) and the image patch it was computed from (`source_patches`): static detection
+    (`source_step`), the image patch it was computed from (`source_patches`) and its decoder input
+embedding then (`source_embeddings`): static detection
     compares the current frame with that source frame, not merely with the previous frame, so a
     slow drift cannot accumulate unseen. Because a token is reused in a suffix of layers, its
     deepest layer always holds its oldest K/V, so one step per token suffices.
@@ -30,6 +31,7 @@ class EpisodeState:
         self.step = 0  # steps completed in this episode
         self.source_step: torch.Tensor | None = None  # [B, V] long
         self.source_patches: torch.Tensor | None = None  # [B, V, patch_dim] float32
+        self.source_embeddings: torch.Tensor | None = None  # [B, V, hidden] float32 decoder inputs
         self.kv_complete: torch.Tensor | None = None  # [B, V] bool: cached K/V valid in every layer
         self.relevance: torch.Tensor | None = None  # [B, V] text->visual attention of the last step
         self.layer_entropy: torch.Tensor | None = None  # [B, L] attention entropy of the last step that took it

@@ -22,6 +22,7 @@ class PlanContext:
     state: EpisodeState
     layout: TokenLayout
     num_layers: int
+    visual_embeddings: torch.Tensor | None = None  # [B, V, hidden] decoder inputs of the visual tokens
 
     @property
     def batch_size(self) -> int:
@@ -36,6 +37,14 @@ class PlanContext:
         if source is None:
             raise RuntimeError("no source frame recorded; the first step of an episode must be full")
         return torch.nn.functional.cosine_similarity(self.patches, source.to(self.patches.device), dim=-1, eps=1e-8)
+
+    def embedding_similarity(self) -> torch.Tensor:
+        """Cosine similarity [B, V] of each visual token's decoder input with the one its cached K/V came from."""
+        source = self.state.source_embeddings
+        if source is None or self.visual_embeddings is None:
+            raise RuntimeError("embedding similarity needs the visual embeddings of this step and of the source step")
+        current = self.visual_embeddings.float()
+        return torch.nn.functional.cosine_similarity(current, source.to(current.device), dim=-1, eps=1e-8)
 
     def reusable_candidates(self, max_age: int) -> torch.Tensor:
         """Tokens whose cached K/V exists in every layer and is younger than max_age steps."""

@@ -21,6 +21,11 @@
    official code does.
 Defaults follow the paper (tau 0.996, top-k 100, tau_task 0.5, relevance from the middle layer).
 
+kvla's own options, off by default: `max_age` forces a recompute of K/V computed that many steps
+ago; `similarity=embeddings` compares each visual token's decoder input (the vision encoder and
+projector output) instead of its pixels, so a patch whose pixels did not change but whose
+embedding did (the encoder's attention mixes the whole image) is not taken as static.
+
 The official code's OpenVLA settings are OFFICIAL_CODE_SPEC: top-k 130 (150 per camera for
 OFT), the 100 most attended patches removed, relevance from layer 15 of 32 (relevance_depth
 15/32: layer round(15 L / 32) of an L-layer model), the "code" schedule. Where kvla still
@@ -94,10 +99,13 @@ class VLACache(ReuseMethod):
     code_smoothing: float = 0.55
     code_layers: tuple[int, ...] = ()  # () = official (2, 6, 9, 11) of 32 scaled to the model's depth
     max_age: int = 0  # force recompute of K/V at least this many steps old (0: never)
+    similarity: str = "pixels"  # "pixels" (paper: image patches) or "embeddings" (kvla: decoder inputs)
 
     def __post_init__(self):
         if self.relevance_rule not in ("threshold", "top_k"):
             raise ValueError(f"relevance_rule must be 'threshold' or 'top_k', got {self.relevance_rule!r}")
+        if self.similarity not in ("pixels", "embeddings"):
+            raise ValueError(f"similarity must be 'pixels' or 'embeddings', got {self.similarity!r}")
         if self.schedule not in ("paper", "code", "none"):
             raise ValueError(f"schedule must be 'paper', 'code' or 'none', got {self.schedule!r}")
         if not 0.0 <= self.tau <= 1.0 or self.top_k < 0 or self.task_top_k < 0:
@@ -126,7 +134,7 @@ class VLACache(ReuseMethod):
         if not state.has_cache or (needs_entropy and state.layer_entropy is None):
             return ctx.full_plan(relevance_layers=relevance_layers, collect_entropy=needs_entropy)
 
-        similarity = ctx.patch_similarity()
+        similarity = ctx.patch_similarity() if self.similarity == "pixels" else ctx.embedding_similarity()
         static = (similarity >= self.tau) & ctx.reusable_candidates(self.max_age)
         static = self._top_k_per_camera(static, similarity, ctx)
         relevant = self._task_relevant(state.relevance, static)
