@@ -12,11 +12,11 @@ class EpisodeState:
     """Per-episode KV buffers and the bookkeeping reuse decisions need. Call reset() per episode.
 
     Per visual token it remembers the step at which its oldest cached K/V was computed
-    (`source_step`), the image patch it was computed from (`source_patches`) and its decoder input
-embedding then (`source_embeddings`): static detection
-    compares the current frame with that source frame, not merely with the previous frame, so a
-    slow drift cannot accumulate unseen. Because a token is reused in a suffix of layers, its
-    deepest layer always holds its oldest K/V, so one step per token suffices.
+    (`source_step`), the image patch it was computed from (`source_patches`) and its decoder
+    input embedding then (`source_embeddings`): static detection compares the current frame with
+    that source frame, not merely with the previous frame, so a slow drift cannot accumulate
+    unseen. Because a token is reused in a suffix of layers, its deepest layer always holds its
+    oldest K/V, so one step per token suffices.
     """
 
     def __init__(self) -> None:
