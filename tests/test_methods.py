@@ -146,7 +146,7 @@ def test_every_method_runs_a_batch_of_two_over_real_frames(dtype):
     frames = load_frames().frames[:4]
     model = VLAModel.from_preset("tiny").to(dtype)
     text = torch.randint(3, 200, (2, model.config.num_text_tokens))
-    for spec in ("full", "static", "vla_cache", "vla_cache:schedule=code", "fastv"):
+    for spec in ("full", "static", "vla_cache", "vla_cache:schedule=code", "fastv", "periodic"):
         policy = CachedVLAPolicy(model, spec)
         for t in range(3):
             batch = torch.stack([frames[t], frames[t + 1]])
@@ -218,7 +218,7 @@ def test_every_method_handles_two_cameras():
     frames = [base, base, moved, torch.randint(60, 200, base.shape, dtype=torch.uint8)]
     top_k = 5
     specs = ["full", "static", f"vla_cache:top_k={top_k}:relevance_rule=top_k:task_top_k=0:schedule=none",
-             f"vla_cache:top_k={top_k}:schedule=code", "fastv"]
+             f"vla_cache:top_k={top_k}:schedule=code", "fastv", "periodic:every=2"]
     for spec in specs:
         policy = CachedVLAPolicy(model, spec)
         for t, frame in enumerate(frames):
@@ -234,6 +234,8 @@ def test_every_method_handles_two_cameras():
                 assert reused == {0: [0, 0], 1: [top_k, top_k], 2: [top_k, 0], 3: [0, 0]}[t]
             if spec == "static":
                 assert reused == {0: [0, 0], 1: [16, 16], 2: [16, 0], 3: [0, 0]}[t]
+            if spec.startswith("periodic"):
+                assert reused == ([0, 0] if t % 2 == 0 else [16, 16])  # both cameras, whatever changed
             if out.reuse_ratio == 0.0:
                 logits, tokens = _plain_actions(model, frame, text)
                 assert (out.logits - logits).abs().max() < 1e-4
@@ -285,3 +287,32 @@ def test_source_embeddings_follow_the_recomputed_tokens():
     assert recomputed[similarity < tau].all()  # every token whose embedding moved more than tau is recomputed
     expected = torch.where(recomputed[..., None], embeddings_of(changed), embeddings_of(base))
     assert torch.equal(policy.state.source_embeddings, expected)
+
+
+def test_periodic_refreshes_every_n_calls_and_reuses_the_refreshed_kv_in_between():
+    model = VLAModel.from_preset("tiny")
+    torch.manual_seed(0)
+    text = torch.randint(3, 200, (1, model.config.num_text_tokens))
+    frames = [torch.randint(60, 200, (1, 32, 32, 3), dtype=torch.uint8) for _ in range(7)]
+    frames[1] = frames[0]  # the first reused call sees the refresh frame itself
+    policy = CachedVLAPolicy(model, "periodic:every=3")
+    outputs = [policy.step(frame, text) for frame in frames]
+    for t, out in enumerate(outputs):
+        if t % 3 == 0:  # refresh: everything computed, equal to the plain model's forward
+            assert out.reuse_ratio == 0.0
+            logits, tokens = _plain_actions(model, frames[t], text)
+            assert (out.logits - logits).abs().max() < 1e-4
+            assert torch.equal(out.action_tokens, tokens)
+        else:  # every visual token reused in every layer
+            assert out.reuse_ratio == 1.0 and (out.visual_depth == 0).all()
+    # reusing the refresh frame's own K/V is exact
+    plain_logits, _ = _plain_actions(model, frames[0], text)
+    assert (outputs[1].logits - plain_logits).abs().max() < 1e-4
+    # between refreshes the output does not depend on the frame at all, only on the last refresh
+    assert (outputs[2].logits - outputs[1].logits).abs().max() < 1e-5
+    assert (outputs[4].logits - outputs[1].logits).abs().max() > 1e-3  # a new refresh at call 3
+    # every=1 is full
+    full = CachedVLAPolicy(model, "periodic:every=1")
+    assert all(full.step(frame, text).reuse_ratio == 0.0 for frame in frames[:3])
+    with pytest.raises(ValueError, match="every >= 1"):
+        parse_method("periodic:every=0")
