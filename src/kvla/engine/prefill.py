@@ -45,6 +45,14 @@ def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.gather(1, index.view(*index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
 
 
+def _record_source(source: torch.Tensor | None, current: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
+    """Per visual token, what its cached K/V was computed from: `current` where recomputed in every layer."""
+    current = current.float()
+    if source is None:
+        return current.clone()
+    return torch.where(recomputed[..., None].to(current.device), current, source)
+
+
 def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     return states if groups == 1 else states.repeat_interleave(groups, dim=1)
 
@@ -254,16 +262,8 @@ class PartialPrefillEngine:
         state.source_step = torch.where(recomputed, state.step, state.source_step)
         state.kv_complete = recomputed | (state.kv_complete & (visual_depth < num_layers))
         if visual_patches is not None:
-            if state.source_patches is None:
-                state.source_patches = visual_patches.float().clone()
-            else:
-                state.source_patches = torch.where(recomputed[..., None].to(visual_patches.device),
-                                                   visual_patches.float(), state.source_patches)
-        visual_embeds = embeds[:, visual_positions].float()
-        if state.source_embeddings is None:
-            state.source_embeddings = visual_embeds.clone()
-        else:
-            state.source_embeddings = torch.where(recomputed[..., None], visual_embeds, state.source_embeddings)
+            state.source_patches = _record_source(state.source_patches, visual_patches, recomputed)
+        state.source_embeddings = _record_source(state.source_embeddings, embeds[:, visual_positions], recomputed)
         state.pruned_keys = key_block
         state.prune_after_layer = plan.prune_after_layer if pruned is not None else None
         state.step += 1
