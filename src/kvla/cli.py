@@ -180,6 +180,54 @@ def train_policy_command(
     console.print(f"final: {json.dumps(metrics)}")
 
 
+@train_app.command("lac")
+def train_lac_command(
+    checkpoint: Path = typer.Option(Path("checkpoints/reference-vla-v2"), help="The reference VLA (kept frozen)."),
+    data: Path = typer.Option(Path("data/mt10_wrist.hdf5"), help="Its demonstrations (kvla data collect)."),
+    out: Path = typer.Option(Path("runs/lac"), help="Output: checkpoint/ (the modules), log.jsonl, training state."),
+    motion: str = typer.Option("flow", help="Selector's motion input: flow (Farneback) or difference."),
+    episodes_per_task: int = typer.Option(20, help="Training episodes per task, from the VLA's own training split."),
+    stage1_steps: int = typer.Option(150, help="Stage I: saliency regressed onto the VLA's attention."),
+    stage2_steps: int = typer.Option(700, help="Stage II: end to end through the reuse relaxation."),
+    explore_steps: int = typer.Option(250, help="Stage II's first steps: uniformly drawn ratios, selector only."),
+    target: str = typer.Option("demo", help="L_VLA against the demonstrated actions (demo) or the full forward's (full)."),
+    batch_size: int = typer.Option(16),
+    lr: float = typer.Option(1e-3),
+    ratio_weight: float = typer.Option(0.3, help="lambda of L_ratio = -sum_j p_j r_j (higher: more reuse)."),
+    mask_temperature: float = typer.Option(0.05, help="tau_s of the token mask's sigmoid."),
+    mixed_precision: str = typer.Option("auto", help="auto (bf16 where native), no or bf16: the frozen VLA's forward."),
+    max_minutes: float = typer.Option(0.0, help="Stop and checkpoint after this wall time (0: no limit)."),
+    val_every: int = typer.Option(250),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/training_state.pt."),
+    stop_at_step: int = typer.Option(0, help="Stop and checkpoint after this many steps (0: train to the end)."),
+    progress: bool = typer.Option(True),
+):
+    """LAC's token selector and cache-ratio predictor, trained on a frozen VLA (arXiv 2602.00686)."""
+    from kvla.methods.lac import MOTIONS
+    from kvla.testbed.train_lac import LACTrainConfig, train_lac
+
+    for path, hint in ((data, "--data"), (checkpoint, "--checkpoint")):
+        if not path.exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint=hint)
+    if target not in ("demo", "full"):
+        raise typer.BadParameter("choose demo or full", param_hint="--target")
+    if motion not in MOTIONS:
+        raise typer.BadParameter(f"choose one of {', '.join(MOTIONS)}", param_hint="--motion")
+    if mixed_precision not in ("auto", "no", "bf16"):
+        raise typer.BadParameter("choose auto, no or bf16", param_hint="--mixed-precision")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = LACTrainConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), motion=motion,
+                         episodes_per_task=episodes_per_task, stage1_steps=stage1_steps, stage2_steps=stage2_steps,
+                         explore_steps=explore_steps, target=target,
+                         batch_size=batch_size, lr=lr, ratio_weight=ratio_weight, mask_temperature=mask_temperature,
+                         mixed_precision=mixed_precision, max_minutes=max_minutes, val_every=val_every, seed=seed)
+    metrics = train_lac(cfg, resume=resume, progress=progress, stop_at_step=stop_at_step)
+    console.print(f"final: {json.dumps(metrics)}")
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(Path("checkpoints/reference-vla"), help="A trained reference VLA."),

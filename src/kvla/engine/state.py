@@ -37,6 +37,9 @@ class EpisodeState:
         self.layer_entropy: torch.Tensor | None = None  # [B, L] attention entropy of the last step that took it
         self.pruned_keys: torch.Tensor | None = None  # additive [B, 1, 1, slots] mask of the last prefill's drops
         self.prune_after_layer: int | None = None
+        # what a method keeps between the calls of one episode (its previous frame, its random
+        # generator), under the method's name; cleared here so nothing reaches the next episode
+        self.method_memory: dict[str, dict] = {}
 
     @property
     def has_cache(self) -> bool:
