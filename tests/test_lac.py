@@ -114,16 +114,25 @@ def test_mixed_forward_refuses_a_cache_of_another_shape():
 def test_token_masks_are_hard_top_k_forward_and_sigmoid_backward():
     saliency = torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7]], requires_grad=True)
     ratios = torch.tensor([0.0, 0.4, 0.8])
-    masks = token_masks(saliency, ratios, temperature=0.1)
+    masks = token_masks(torch.logit(saliency), ratios, temperature=0.1)
     assert masks[0, 0].tolist() == [1, 1, 1, 1, 1]
     assert masks[0, 1].tolist() == [1, 0, 1, 0, 1]  # the two lowest (0.1, 0.3) are reused
     assert masks[0, 2].tolist() == [1, 0, 0, 0, 0]  # four of five
-    masks[0, 1].sum().backward()
-    # the straight-through gradient is the sigmoid's slope around theta = (0.3 + 0.5) / 2
-    theta = 0.4
-    slope = [torch.sigmoid(torch.tensor((s - theta) / 0.1)) * (1 - torch.sigmoid(torch.tensor((s - theta) / 0.1))) / 0.1
-             for s in (0.9, 0.1, 0.5, 0.3, 0.7)]
-    assert torch.allclose(saliency.grad[0], torch.stack(slope), atol=1e-6)
+    # backward: the gradient of sum_i sigmoid((s_i - theta) / tau), theta = (s_(2) + s_(3)) / 2 = (0.3 + 0.5) / 2
+    weights = torch.tensor([1.0, -2.0, 0.5, 3.0, 0.25])
+    (masks[0, 1] * weights).sum().backward()
+    reference = saliency.detach().clone().requires_grad_(True)
+    theta = 0.5 * (reference[0, 3] + reference[0, 2])
+    (torch.sigmoid((reference[0] - theta) / 0.1) * weights).sum().backward()
+    assert torch.allclose(saliency.grad, reference.grad, atol=1e-5)
+    # raising every saliency alike moves no threshold crossing: no gradient along that direction
+    scores = torch.logit(torch.tensor([[0.9, 0.1, 0.5, 0.3, 0.7]])).requires_grad_(True)
+    shift = torch.zeros(1, requires_grad=True)
+    token_masks(torch.logit(torch.sigmoid(scores.detach()) + shift), ratios, 0.1)[0, 1].sum().backward()
+    assert abs(shift.grad.item()) < 1e-5
+    # saturated saliencies still rank by their logits, not by token order
+    tied = torch.tensor([[40.0, 30.0, 50.0, 20.0]])
+    assert token_masks(tied, torch.tensor([0.5]), 0.1)[0, 0].tolist() == [1, 0, 1, 0]
 
 
 def test_patches_to_images_inverts_the_models_patches():

@@ -110,7 +110,10 @@ def selector_inputs(current: torch.Tensor, previous: torch.Tensor, config: LACMo
 
 
 class CachedTokenSelector(nn.Module):
-    """Strided CNN: [N, 3 + motion, s, s] -> saliency [N, grid * grid] in [0, 1] and pooled features."""
+    """Strided CNN: [N, 3 + motion, s, s] -> saliency logits [N, grid * grid] and pooled features.
+
+    Saliency is sigmoid(logit); tokens are ranked by the logit, which never ties where the
+    sigmoid saturates in float32 (ties would fall back to token order)."""
 
     def __init__(self, config: LACModulesConfig):
         super().__init__()
@@ -126,8 +129,7 @@ class CachedTokenSelector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.context(self.body(x))
-        saliency = torch.sigmoid(self.head(features)).flatten(1)
-        return saliency, features.mean(dim=(2, 3))
+        return self.head(features).flatten(1), features.mean(dim=(2, 3))
 
 
 class CacheRatioPredictor(nn.Module):
@@ -153,11 +155,12 @@ class LACModules(nn.Module):
         self.register_buffer("ratios", torch.tensor(config.ratios, dtype=torch.float32), persistent=False)
 
     def forward(self, inputs: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """inputs [B * cameras, C, s, s] (selector_inputs) -> saliency [B, V], ratio logits [B, R]."""
-        saliency, pooled = self.selector(inputs)
-        saliency = saliency.reshape(batch, -1)  # camera-major: the visual-token order
-        features = torch.cat([pooled, saliency.reshape(batch * self.config.num_cameras, -1).mean(1, keepdim=True)], 1)
-        return saliency, self.predictor(features.reshape(batch, -1))
+        """inputs [B * cameras, C, s, s] (selector_inputs) -> saliency logits [B, V], ratio logits [B, R]."""
+        scores, pooled = self.selector(inputs)
+        saliency = torch.sigmoid(scores)
+        features = torch.cat([pooled, saliency.mean(1, keepdim=True)], 1)
+        # camera-major: the visual-token order
+        return scores.reshape(batch, -1), self.predictor(features.reshape(batch, -1))
 
     def save(self, directory) -> None:
         from safetensors.torch import save_model
@@ -235,14 +238,14 @@ class LearnedCaching(ReuseMethod):
 
     @torch.no_grad()
     def decide(self, ctx: PlanContext, images: torch.Tensor, previous: torch.Tensor):
-        """Saliency [B, V] and the cache ratio [B] of this call."""
+        """Saliency logits [B, V] (saliency = their sigmoid) and the cache ratio [B] of this call."""
         modules = self._modules_for(ctx)
-        saliency, logits = modules(selector_inputs(images, previous, modules.config), images.shape[0])
+        scores, logits = modules(selector_inputs(images, previous, modules.config), images.shape[0])
         if self.fixed_ratio is not None:
             ratio = torch.full((images.shape[0],), float(self.fixed_ratio))
         else:
             ratio = modules.ratios[logits.argmax(-1)]
-        return saliency, ratio
+        return scores, ratio
 
     def plan(self, ctx: PlanContext) -> ReusePlan:
         memory = ctx.state.method_memory.setdefault(self.name, {})
@@ -251,10 +254,10 @@ class LearnedCaching(ReuseMethod):
         previous, memory["previous_images"] = memory.get("previous_images"), images
         if not ctx.state.has_cache or previous is None or previous.shape != images.shape:
             return ctx.full_plan()
-        saliency, ratio = self.decide(ctx, images, previous)
+        scores, ratio = self.decide(ctx, images, previous)
         candidates = ctx.reusable_candidates(self.max_age).cpu()
         # rank of each token among the candidates by saliency, lowest first; k_b = round(N * r_b)
-        rank = saliency.masked_fill(~candidates, float("inf")).argsort(dim=1, stable=True).argsort(1)
+        rank = scores.masked_fill(~candidates, float("inf")).argsort(dim=1, stable=True).argsort(1)
         wanted = (ratio * ctx.layout.num_visual).round().long()
         reuse = (rank < wanted[:, None]) & candidates
         if self.recovery > 0:

@@ -100,12 +100,18 @@ def attention_target(engine: PartialPrefillEngine, embeds: torch.Tensor, layout)
     return (relevance - low) / (high - low).clamp_min(1e-12)
 
 
-def token_masks(saliency: torch.Tensor, ratios: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per ratio r_j, the recompute mask [B, R, V]: hard (0 for the round(N r_j) lowest-saliency
-    tokens, 1 otherwise) in the forward pass, sigmoid((s - theta_j) / tau_s) in the backward pass."""
-    batch, tokens = saliency.shape
-    ordered = saliency.sort(1).values
-    ranks = saliency.argsort(dim=1, stable=True).argsort(1)
+def token_masks(scores: torch.Tensor, ratios: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per ratio r_j, the recompute mask [B, R, V] from saliency logits `scores` (s = sigmoid):
+    hard (0 for the round(N r_j) lowest-saliency tokens, 1 otherwise) in the forward pass,
+    sigmoid((s - theta_j) / tau_s) in the backward pass, theta_j between the k-th and (k+1)-th
+    lowest saliency. theta_j is not detached: raising every saliency alike changes no mask, so it
+    gets no gradient either (a detached threshold lets the selector drift into saturation, where
+    sigmoid ties would rank by token order)."""
+    batch, tokens = scores.shape
+    saliency = torch.sigmoid(scores)
+    order = scores.argsort(dim=1, stable=True)
+    ordered = saliency.gather(1, order)
+    ranks = order.argsort(1)
     masks = []
     for ratio in ratios.tolist():
         k = int(round(ratio * tokens))
@@ -113,8 +119,8 @@ def token_masks(saliency: torch.Tensor, ratios: torch.Tensor, temperature: float
             masks.append(torch.ones_like(saliency))
             continue
         above = ordered[:, k] if k < tokens else ordered[:, -1] + 1.0
-        theta = 0.5 * (ordered[:, k - 1] + above)  # between the k-th and (k+1)-th lowest saliency
-        soft = torch.sigmoid((saliency - theta[:, None].detach()) / temperature)
+        theta = 0.5 * (ordered[:, k - 1] + above)
+        soft = torch.sigmoid((saliency - theta[:, None]) / temperature)
         hard = (ranks >= k).to(saliency.dtype)
         masks.append(hard + (soft - soft.detach()))  # exactly hard forward, the sigmoid's gradient backward
     return torch.stack(masks, 1)
@@ -167,8 +173,8 @@ class LACTrainer:
         earlier, _, current, proprio, text_ids, _ = batch
         with torch.no_grad():  # float32: the engine's prefill runs the model as inference does
             target = attention_target(self.engine, self.embeddings(current, proprio, text_ids), self.layout)
-        saliency, _ = modules(selector_inputs(current, earlier, modules.config), current.shape[0])
-        loss = F.mse_loss(saliency, target)
+        scores, _ = modules(selector_inputs(current, earlier, modules.config), current.shape[0])
+        loss = F.mse_loss(torch.sigmoid(scores), target)
         return {"loss": loss}
 
     def action_loss(self, logits: torch.Tensor, targets: torch.Tensor, full_logits: torch.Tensor | None) -> torch.Tensor:
@@ -190,7 +196,7 @@ class LACTrainer:
             cache = mixed_reuse_forward(self.engine, self.embeddings(earlier, earlier_proprio, text_ids), self.layout).kv
             embeds = self.embeddings(current, proprio, text_ids)
             full_logits = mixed_reuse_forward(self.engine, embeds, self.layout).logits if cfg.target == "full" else None
-        saliency, logits = modules(selector_inputs(current, earlier, modules.config), current.shape[0])
+        scores, logits = modules(selector_inputs(current, earlier, modules.config), current.shape[0])
         if explore:
             drawn = torch.randint(0, logits.shape[-1], (logits.shape[0],), generator=generator)
             choice = F.one_hot(drawn, logits.shape[-1]).to(logits.dtype)
@@ -198,7 +204,7 @@ class LACTrainer:
             gumbel = -torch.empty_like(logits).exponential_(generator=generator).log()
             soft = torch.softmax((logits + gumbel) / cfg.gumbel_temperature, -1)
             choice = F.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype) + (soft - soft.detach())
-        mask = (choice[:, :, None] * token_masks(saliency, modules.ratios, cfg.mask_temperature)).sum(1)
+        mask = (choice[:, :, None] * token_masks(scores, modules.ratios, cfg.mask_temperature)).sum(1)
         with self.autocast():
             out = mixed_reuse_forward(self.engine, embeds, self.layout, cache, mask)
         loss_vla = self.action_loss(out.logits, targets, full_logits)
@@ -229,8 +235,8 @@ class LACTrainer:
             cache = mixed_reuse_forward(self.engine, self.embeddings(earlier, earlier_proprio, text_ids), self.layout).kv
             embeds = self.embeddings(current, proprio, text_ids)
             full = mixed_reuse_forward(self.engine, embeds, self.layout).logits
-            saliency, logits = modules(selector_inputs(current, earlier, modules.config), len(chunk))
-            masks = token_masks(saliency, modules.ratios, self.cfg.mask_temperature)
+            scores, logits = modules(selector_inputs(current, earlier, modules.config), len(chunk))
+            masks = token_masks(scores, modules.ratios, self.cfg.mask_temperature)
             ratio_index = logits.argmax(-1)
             n = len(chunk)
             per_ratio = []
@@ -244,7 +250,7 @@ class LACTrainer:
             sums["val_loss_reuse"] += F.cross_entropy(reused.flatten(0, 1), targets.flatten()).item() * n
             sums["val_agreement"] += (reused.argmax(-1) == full.argmax(-1)).float().mean(-1).sum().item()
             sums["val_ratio"] += modules.ratios[ratio_index].sum().item()
-            sums["val_attention_mse"] += F.mse_loss(saliency, attention_target(self.engine, embeds, self.layout)).item() * n
+            sums["val_attention_mse"] += F.mse_loss(torch.sigmoid(scores), attention_target(self.engine, embeds, self.layout)).item() * n
             count += n
         modules.train()
         metrics = {key: value / count for key, value in sums.items()}
