@@ -10,9 +10,9 @@ TORCH ?= torch==2.13.0
 .PHONY: install test test-compat demo bench clean
 CHECKPOINT ?= checkpoints/reference-vla-v2
 DEMO_TASKS ?= reach-v3,push-v3,drawer-close-v3,button-press-topdown-v3,window-close-v3
-# full, vla_cache at the paper defaults, and static reuse with K/V at most one step old (over MT10 the setting
-# closest to full's success for its speed-up; BENCHMARKS.md)
-DEMO_METHODS ?= full,vla_cache,vla_cache:schedule=none:max_age=2
+# full, vla_cache at the paper defaults, static reuse with K/V at most one step old (over MT10 the vla_cache
+# setting closest to full's success for its speed-up; BENCHMARKS.md), and lac with its committed modules
+DEMO_METHODS ?= full,vla_cache,vla_cache:schedule=none:max_age=2,lac
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -303,3 +303,23 @@ def test_lac_training_resumes_to_the_same_modules_and_they_plug_into_the_policy(
         frame = torch.randint(0, 255, (1, 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
         out = policy.step(frame, text, torch.zeros(1, 4))
         assert out.actions.shape == (1, 8)
+
+
+def test_stage_one_target_is_the_instruction_attention_of_the_eager_model():
+    from kvla.testbed.train_lac import attention_target
+
+    model, tokenizer = _two_camera_model()
+    engine = PartialPrefillEngine(model.language_model)
+    images, proprio, text = _inputs(model, tokenizer)
+    layout = model.layout
+    with torch.no_grad():
+        embeds = model.prompt_embeddings(model.encode_images(images), text, proprio)
+        target = attention_target(engine, embeds, layout)
+        model.language_model.set_attn_implementation("eager")
+        maps = model.language_model(inputs_embeds=embeds, output_attentions=True).attentions
+        model.language_model.set_attn_implementation("sdpa")
+    text_rows = torch.arange(*layout.text_span)
+    # mean over layers, heads and instruction rows of the attention to each visual token
+    attention = torch.stack([m[:, :, text_rows][..., layout.visual_positions] for m in maps]).mean(dim=(0, 2, 3))
+    low, high = attention.min(1, keepdim=True).values, attention.max(1, keepdim=True).values
+    assert torch.allclose(target, (attention - low) / (high - low), atol=1e-4)
