@@ -194,7 +194,7 @@ def train_lac_command(
                                             "or the demonstrated actions (demo, the paper's)."),
     batch_size: int = typer.Option(16),
     lr: float = typer.Option(1e-3),
-    ratio_weight: float = typer.Option(0.2, help="lambda of L_ratio = -sum_j p_j r_j (higher: more reuse)."),
+    ratio_weight: float = typer.Option(0.1, help="lambda of L_ratio = -sum_j p_j r_j (higher: more reuse)."),
     mask_temperature: float = typer.Option(0.25, help="tau_s of the token mask's sigmoid."),
     mixed_precision: str = typer.Option("auto", help="auto (bf16 where native), no or bf16: the frozen VLA's forward."),
     max_minutes: float = typer.Option(0.0, help="Stop and checkpoint after this wall time (0: no limit)."),

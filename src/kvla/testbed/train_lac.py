@@ -46,7 +46,7 @@ class LACTrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     explore_steps: int = 500  # stage II's first steps: uniformly drawn ratios, selector only (warm-up)
-    ratio_weight: float = 0.2  # lambda of L_ratio
+    ratio_weight: float = 0.1  # lambda of L_ratio
     mask_temperature: float = 0.25  # tau_s of the token mask's sigmoid
     gumbel_temperature: float = 1.0
     target: str = "full"  # L_VLA against the full forward's action distribution ("full") or the demonstrations ("demo")
