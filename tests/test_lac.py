@@ -278,6 +278,9 @@ def test_lac_training_resumes_to_the_same_modules_and_they_plug_into_the_policy(
     train_lac(LACTrainConfig(out=str(tmp_path / "b"), **settings), progress=False, stop_at_step=5)
     assert json.loads((tmp_path / "b" / "log.jsonl").read_text().splitlines()[-1])["step"] == 5
     after_exploring = LACModules.load(tmp_path / "b" / "checkpoint").state_dict()
+    with pytest.raises(ValueError, match="another shape"):
+        train_lac(LACTrainConfig(out=str(tmp_path / "b"), **{**settings, "motion": "difference"}), resume=True,
+                  progress=False)
     resumed = train_lac(LACTrainConfig(out=str(tmp_path / "b"), **settings), resume=True, progress=False)
     assert straight["step"] == resumed["step"] == 7
     assert {"loss_vla", "expected_ratio", "val_loss_full", "val_loss_reuse", "val_agreement"} <= set(straight)

@@ -277,6 +277,9 @@ def train_lac(cfg: LACTrainConfig, resume: bool = False, progress: bool = True, 
     if resume and state_path.exists():
         saved = torch.load(state_path, weights_only=False)
         modules = LACModules.load(out / "checkpoint").train()
+        if modules.config != trainer.modules_config:
+            raise ValueError(f"{out / 'checkpoint'} holds modules of another shape ({modules.config}); this run "
+                             f"would train {trainer.modules_config}: resume with the settings it was started with")
         optimizer = torch.optim.AdamW(modules.parameters(), lr=cfg.lr, weight_decay=0.01)
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"])
