@@ -248,9 +248,10 @@ class LearnedCaching(ReuseMethod):
         return modules
 
     @torch.no_grad()
-    def decide(self, ctx: PlanContext, images: torch.Tensor, previous: torch.Tensor):
+    def decide(self, ctx: PlanContext, images: torch.Tensor, previous: torch.Tensor,
+               modules: LACModules | None = None):
         """Saliency logits [B, V] (saliency = their sigmoid) and the cache ratio [B] of this call."""
-        modules = self._modules_for(ctx)
+        modules = modules if modules is not None else self._modules_for(ctx)
         scores, logits = modules(selector_inputs(images, previous, modules.config), images.shape[0])
         if self.fixed_ratio is not None:
             ratio = torch.full((images.shape[0],), float(self.fixed_ratio))
@@ -260,12 +261,12 @@ class LearnedCaching(ReuseMethod):
 
     def plan(self, ctx: PlanContext) -> ReusePlan:
         memory = ctx.state.method_memory.setdefault(self.name, {})
-        cameras = self._modules_for(ctx).config.num_cameras
-        images = patches_to_images(ctx.patches.cpu(), cameras)
+        modules = self._modules_for(ctx)  # looked up and checked once per call
+        images = patches_to_images(ctx.patches.cpu(), modules.config.num_cameras)
         previous, memory["previous_images"] = memory.get("previous_images"), images
         if not ctx.state.has_cache or previous is None or previous.shape != images.shape:
             return ctx.full_plan()
-        scores, ratio = self.decide(ctx, images, previous)
+        scores, ratio = self.decide(ctx, images, previous, modules)
         candidates = ctx.reusable_candidates(self.max_age).cpu()
         # rank of each token among the candidates by saliency, lowest first; k_b = round(N * r_b)
         rank = scores.masked_fill(~candidates, float("inf")).argsort(dim=1, stable=True).argsort(1)
