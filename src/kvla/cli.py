@@ -229,11 +229,52 @@ def train_lac_command(
     console.print(f"final: {json.dumps(metrics)}")
 
 
+@train_app.command("history")
+def train_history_command(
+    data: str = typer.Option("data/mt10_wrist.hdf5,data/memory_wrist.hdf5",
+                             help="Comma-separated demonstration files (MT10 and the memory variants)."),
+    out: Path = typer.Option(Path("runs/history"), help="Output: checkpoint/, best/, log.jsonl, training state."),
+    init_from: Path = typer.Option(Path("checkpoints/reference-vla-v2"), help="Single-frame reference VLA to start from."),
+    frame_stride: int = typer.Option(4, help="Env steps between two history frames (actions executed per call)."),
+    max_frames: int = typer.Option(50, help="Frames of the longest training sequence."),
+    window_probability: float = typer.Option(0.3, help="Share of episodes trained with a truncated history."),
+    max_window: int = typer.Option(8, help="Truncated histories keep 0..this many earlier frames."),
+    episodes_per_step: int = typer.Option(2),
+    lr: float = typer.Option(1e-4),
+    max_steps: int = typer.Option(3000),
+    max_minutes: float = typer.Option(0.0, help="Stop and checkpoint after this wall time (0: no limit)."),
+    val_every: int = typer.Option(250),
+    mixed_precision: str = typer.Option("auto", help="auto (bf16 where native), no or bf16."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/training_state.pt."),
+    progress: bool = typer.Option(True),
+):
+    """The history VLA: whole demonstration episodes as one causal sequence (teacher forcing over time)."""
+    from kvla.testbed.train_history import HistoryTrainConfig, train_history
+
+    paths = tuple(p.strip() for p in data.split(",") if p.strip())
+    for path in paths:
+        if not Path(path).exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint="--data")
+    if not (init_from / "config.json").exists():
+        raise typer.BadParameter(f"{init_from} is not a checkpoint directory", param_hint="--init-from")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = HistoryTrainConfig(data=paths, out=str(out), init_from=str(init_from), frame_stride=frame_stride,
+                             max_frames=max_frames, window_probability=window_probability, max_window=max_window,
+                             episodes_per_step=episodes_per_step, lr=lr, max_steps=max_steps, max_minutes=max_minutes,
+                             val_every=val_every, mixed_precision=mixed_precision, seed=seed)
+    metrics = train_history(cfg, resume=resume, progress=progress)
+    console.print(f"final: {json.dumps(metrics)}")
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(Path("checkpoints/reference-vla"), help="A trained reference VLA."),
     methods: str = typer.Option("full,vla_cache", help="Comma-separated methods (settings as name:key=value)."),
-    tasks: str = typer.Option("all", help="Comma-separated task names, or all."),
+    tasks: str = typer.Option("mt10", help="Comma-separated task names or sets: mt10, memory (goal hidden after "
+                                                 "the first steps), all."),
     episodes: int = typer.Option(20, help="Held-out episodes per task (seeds from --seed-start)."),
     seed_start: int = typer.Option(10_000, help="First evaluation seed (demonstrations use seeds from 0)."),
     max_steps: int = typer.Option(200, help="Episode length limit (the demonstrations were collected within 200 steps)."),
@@ -249,7 +290,7 @@ def eval_command(
 ):
     """Closed-loop success, paired across methods by seed; or --fidelity on demonstration frames."""
     from kvla.testbed import evaluate
-    from kvla.testbed.sim import TASKS
+    from kvla.testbed.sim import parse_tasks
 
     specs = [s for s in methods.split(",") if s.strip()]
     try:
@@ -258,10 +299,10 @@ def eval_command(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--methods") from None
     specs = list(dict.fromkeys(["full", *specs]))
-    task_list = list(TASKS) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in task_list if t not in TASKS]
-    if unknown:
-        raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}", param_hint="--tasks")
+    try:
+        task_list = parse_tasks(tasks)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--tasks") from None
     if not (checkpoint / "config.json").exists():
         raise typer.BadParameter(f"{checkpoint} is not a checkpoint directory (no config.json)", param_hint="--checkpoint")
 
@@ -310,14 +351,14 @@ def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
     from kvla.testbed import evaluate
     from kvla.policy import CachedVLAPolicy
     from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
-    from kvla.testbed.sim import TASKS
+    from kvla.testbed.sim import ALL_TASKS
 
     model, tokenizer = load_policy_checkpoint(checkpoint)
     cameras = checkpoint_cameras(checkpoint)
     video.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
         policy = CachedVLAPolicy(model, parse_method(spec))
-        outcome, frames = evaluate.run_episode(policy, tokenizer.encode_batch([TASKS[task]]), task, seed,
+        outcome, frames = evaluate.run_episode(policy, tokenizer.encode_batch([ALL_TASKS[task]]), task, seed,
                                                model.config.image_size, max_steps, record=True, cameras=cameras)
         # the whole spec goes into the name: two settings of one method must not overwrite each other
         name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)

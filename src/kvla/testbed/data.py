@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from kvla.testbed.sim import CAMERA, TASKS, WRIST_CAMERA, SimEnv, ensure_rendering, expert_action
+from kvla.testbed.sim import ALL_TASKS, CAMERA, TASKS, WRIST_CAMERA, SimEnv, ensure_rendering, expert_action, parse_tasks
 
 ENV_NAME = "metaworld-v3"
 SETTLE_STEPS = 10  # steps recorded after the first success, to show a settled end
@@ -89,7 +89,7 @@ def _run_job(job: tuple) -> dict[str, Any]:
 def _write_episode(f, key: str, ep: dict[str, Any]) -> None:
     demo = f.create_group(key)
     size = ep["images"].shape[2]
-    demo.attrs.update(num_samples=len(ep["actions"]), task=ep["task"], instruction=TASKS[ep["task"]],
+    demo.attrs.update(num_samples=len(ep["actions"]), task=ep["task"], instruction=ALL_TASKS[ep["task"]],
                       seed=ep["seed"], success=True)
     demo.create_dataset("actions", data=ep["actions"])
     for camera_index, camera in enumerate(ep["cameras"]):
@@ -117,8 +117,8 @@ def collect(out_path: str | Path, tasks: list[str] | None = None, episodes_per_t
 
     tasks = list(TASKS) if tasks is None else list(tasks)
     for task in tasks:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        if task not in ALL_TASKS:
+            raise ValueError(f"unknown task {task!r}; choose from {', '.join(ALL_TASKS)}")
     unknown_cameras = [c for c in cameras if c not in CAMERA_KEYS]
     if unknown_cameras or not cameras or len(set(cameras)) != len(cameras):
         raise ValueError(f"cameras must be distinct names among {', '.join(CAMERA_KEYS)}; got {', '.join(cameras) or 'none'}")
@@ -167,7 +167,7 @@ def collect(out_path: str | Path, tasks: list[str] | None = None, episodes_per_t
             data.attrs["total"] = total
             f.attrs.update(env_name=ENV_NAME, image_size=image_size, tasks=tasks, kvla_version=__version__,
                            cameras=list(cameras),
-                           instructions=json.dumps({t: TASKS[t] for t in tasks}), seed_start=seed_start,
+                           instructions=json.dumps({t: ALL_TASKS[t] for t in tasks}), seed_start=seed_start,
                            max_steps=max_steps, settle_steps=SETTLE_STEPS, attempts=json.dumps(attempts))
         os.replace(partial, out_path)
     finally:
@@ -249,7 +249,7 @@ def _data_group() -> None:
 @data_app.command("collect")
 def collect_command(
     out: Path = typer.Option(Path("data/metaworld_mt10.hdf5"), help="HDF5 file to write."),
-    tasks: str = typer.Option(",".join(TASKS), help="Comma-separated tasks."),
+    tasks: str = typer.Option("mt10", help="Comma-separated tasks or task sets (mt10, memory, all)."),
     episodes: int = typer.Option(40, help="Successful episodes per task."),
     seed_start: int = typer.Option(0, help="First episode seed of each task."),
     image_size: int = typer.Option(128, help="Square image side in pixels."),
@@ -258,11 +258,10 @@ def collect_command(
     wrist: bool = typer.Option(False, help="Also record the gripper camera (obs/eye_in_hand_rgb)."),
 ):
     """Run the scripted experts and keep the successful episodes."""
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
-    unknown = [t for t in names if t not in TASKS]
-    if unknown:
-        raise typer.BadParameter(f"unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}",
-                                 param_hint="--tasks")
+    try:
+        names = parse_tasks(tasks)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--tasks") from None
     cameras = (CAMERA, WRIST_CAMERA) if wrist else (CAMERA,)
     stats = collect(out, names, episodes, seed_start, image_size, max_steps, workers, cameras=cameras)
     table = Table("task", "attempts", "successes", "mean length")

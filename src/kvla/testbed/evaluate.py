@@ -107,11 +107,11 @@ def _init_worker(checkpoint: str, method_specs: list[str], threads: int):
 
 def _run_job(job) -> list[EpisodeOutcome]:
     """All methods on one (task, seed), methods in an order rotated by the seed (interleaving)."""
-    from kvla.testbed.sim import TASKS
+    from kvla.testbed.sim import ALL_TASKS
 
     task, seed, max_steps = job
     policies = _WORKER["policies"]
-    text_ids = _WORKER["tokenizer"].encode_batch([TASKS[task]])
+    text_ids = _WORKER["tokenizer"].encode_batch([ALL_TASKS[task]])
     shift = seed % len(policies)
     outcomes = [None] * len(policies)
     for index in list(range(shift, len(policies))) + list(range(shift)):

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,58 @@ TASKS: dict[str, str] = {
     "window-open-v3": "slide the window open",
     "window-close-v3": "slide the window closed",
 }
+
+
+@dataclass(frozen=True)
+class MemoryVariant:
+    """A task whose goal marker is shown only during the first steps of the episode.
+
+    After `visible_steps` env steps the marker is hidden, so a policy that does not remember the
+    first frames cannot know where the goal is: without such tasks a testbed cannot tell a good
+    history method from one that drops the history. The marker is drawn larger than MetaWorld's
+    (radius `marker_radius` m instead of 0.02) so that one early frame shows it clearly at 128 px.
+    """
+
+    base: str  # the MT10 task it varies (its expert, its success test, its instruction)
+    visible_steps: int = 8
+    marker_radius: float = 0.04
+
+
+# Memory variants of the MT10 tasks whose goal is a marker in the scene.
+MEMORY_TASKS: dict[str, MemoryVariant] = {
+    "reach-hidden-goal-v3": MemoryVariant("reach-v3"),
+    "push-hidden-goal-v3": MemoryVariant("push-v3"),
+    "pick-place-hidden-goal-v3": MemoryVariant("pick-place-v3"),
+}
+# every task kvla can run, with its instruction (a memory variant says what its base task says)
+ALL_TASKS: dict[str, str] = TASKS | {name: TASKS[v.base] for name, v in MEMORY_TASKS.items()}
+# named task sets for the CLI's --tasks
+TASK_SETS: dict[str, tuple[str, ...]] = {"mt10": tuple(TASKS), "memory": tuple(MEMORY_TASKS)}
+
+
+def base_task(task: str) -> str:
+    """The MetaWorld task behind `task` (itself for an MT10 task)."""
+    _check_task(task)
+    return MEMORY_TASKS[task].base if task in MEMORY_TASKS else task
+
+
+def parse_tasks(text: str) -> list[str]:
+    """Comma-separated task names or set names (mt10, memory, all) -> task names, checked."""
+    names: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        if item == "all":
+            names += list(ALL_TASKS)
+        elif item in TASK_SETS:
+            names += list(TASK_SETS[item])
+        else:
+            _check_task(item)
+            names.append(item)
+    if not names:
+        raise ValueError("no task named")
+    return list(dict.fromkeys(names))
+
 
 GL_PACKAGES = ("libegl1", "libgl1-mesa-dri", "libosmesa6")
 CAMERA = "corner2"  # the third-person camera (agentview)
@@ -130,8 +183,9 @@ def _env_for_seed(task: str, seed: int, **kwargs):
 
 
 def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task not in ALL_TASKS:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(ALL_TASKS)} "
+                         f"(or the sets {', '.join(TASK_SETS)})")
 
 
 @functools.cache
@@ -141,7 +195,7 @@ def _policy(task: str):
 
 def expert_action(task: str, state: np.ndarray) -> np.ndarray:
     """The scripted expert's action float32 [4] at the full 39-d state, clipped to [-1, 1]."""
-    _check_task(task)
+    task = base_task(task)
     with warnings.catch_warnings():  # the experts' gains exceed the action range and warn every step
         warnings.filterwarnings("ignore", message="Constant\\(s\\) may be too high")
         action = _policy(task).get_action(np.asarray(state, dtype=np.float64))
@@ -171,8 +225,9 @@ class SimEnv:
         import mujoco
 
         self.task, self.seed, self.image_size = task, seed, image_size
-        self.instruction = TASKS[task]
-        env = _env_for_seed(task, seed, render_mode="rgb_array", camera_name=CAMERA,
+        self.instruction = ALL_TASKS[task]
+        self.memory = MEMORY_TASKS.get(task)
+        env = _env_for_seed(base_task(task), seed, render_mode="rgb_array", camera_name=CAMERA,
                             width=image_size, height=image_size)
         self.max_steps = env.max_path_length if max_steps is None else max_steps
         env.max_path_length = self.max_steps  # the env itself refuses to step past this
@@ -183,6 +238,12 @@ class SimEnv:
         self._viewer.scn.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0  # most of a software render
         self._camera_ids = [mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_CAMERA, name) for name in cameras]
         self.cameras = tuple(cameras)
+        self._goal_site = mujoco.mj_name2id(env.model, mujoco.mjtObj.mjOBJ_SITE, "goal")
+        if self.memory is not None:
+            if self._goal_site < 0:
+                raise ValueError(f"{self.memory.base} has no goal marker to hide")
+            env.model.site_size[self._goal_site, 0] = self.memory.marker_radius
+            self._goal_rgba = env.model.site_rgba[self._goal_site].copy()
         self._env: Any = env
         self.steps = 0
 
@@ -191,6 +252,9 @@ class SimEnv:
         return (image[::-1, ::-1] if name in _FLIPPED_CAMERAS else image).copy()
 
     def _observation(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        if self.memory is not None:  # the marker shows in the frames of the first visible_steps steps only
+            shown = self.steps < self.memory.visible_steps
+            self._live_env.model.site_rgba[self._goal_site, 3] = self._goal_rgba[3] if shown else 0.0
         self._viewer.make_context_current()  # in case another env rendered since
         images = np.stack([self._render(name, cid) for name, cid in zip(self.cameras, self._camera_ids)])
         if not images.reshape(len(images), -1).any(1).all():  # the scene is lit: all black = GL context lost
