@@ -269,6 +269,55 @@ def train_history_command(
     console.print(f"final: {json.dumps(metrics)}")
 
 
+@train_app.command("kv-efficient")
+def train_kv_efficient_command(
+    checkpoint: Path = typer.Option(Path("checkpoints/history-vla-v1"), help="The history VLA (kept frozen)."),
+    data: str = typer.Option("data/mt10_wrist.hdf5,data/memory_wrist.hdf5", help="Comma-separated demonstration files."),
+    out: Path = typer.Option(Path("runs/kv-efficient"), help="Output: checkpoint/, best/ (gate, LoRA), log.jsonl."),
+    method: str = typer.Option("kv_efficient", help="The method's settings: kv_efficient:chunk_frames=2:recent_frames=4..."),
+    summary_width: int = typer.Option(64),
+    gate_width: int = typer.Option(128, help="LSTM width (the authors' proof of concept: 128)."),
+    lora_rank: int = typer.Option(8, help="LoRA rank of the decoder's q/v compensation (0: none)."),
+    memory_weight: float = typer.Option(0.2, help="lambda of the memory penalty (mean utility of the decided chunks)."),
+    temperature: float = typer.Option(0.5, help="Binary-concrete temperature of the keep relaxation."),
+    episodes_per_task: int = typer.Option(40, help="Training episodes per task."),
+    lr: float = typer.Option(5e-4),
+    max_steps: int = typer.Option(600),
+    max_minutes: float = typer.Option(0.0, help="Stop and checkpoint after this wall time (0: no limit)."),
+    val_every: int = typer.Option(100),
+    mixed_precision: str = typer.Option("auto", help="auto (bf16 where native), no or bf16."),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/training_state.pt."),
+    progress: bool = typer.Option(True),
+):
+    """kv_efficient's chunk gate and LoRA compensation on a frozen history VLA (arXiv 2509.21354)."""
+    from kvla.model.history import is_history_checkpoint
+    from kvla.testbed.train_kv_efficient import KVEfficientTrainConfig, train_kv_efficient
+
+    paths = tuple(p.strip() for p in data.split(",") if p.strip())
+    for path in paths:
+        if not Path(path).exists():
+            raise typer.BadParameter(f"{path} does not exist", param_hint="--data")
+    if not is_history_checkpoint(checkpoint):
+        raise typer.BadParameter(f"{checkpoint} is not a history VLA checkpoint (kvla train history)",
+                                 param_hint="--checkpoint")
+    try:
+        parse_method(method)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--method") from None
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = KVEfficientTrainConfig(data=paths, out=str(out), checkpoint=str(checkpoint), method=method,
+                                 summary_width=summary_width, gate_width=gate_width, lora_rank=lora_rank,
+                                 memory_weight=memory_weight, temperature=temperature,
+                                 episodes_per_task=episodes_per_task, lr=lr, max_steps=max_steps,
+                                 max_minutes=max_minutes, val_every=val_every, mixed_precision=mixed_precision,
+                                 seed=seed)
+    metrics = train_kv_efficient(cfg, resume=resume, progress=progress)
+    console.print(f"final: {json.dumps(metrics)}")
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(Path("checkpoints/reference-vla"), help="A trained reference VLA."),
@@ -298,7 +347,7 @@ def eval_command(
             parse_method(spec)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--methods") from None
-    specs = list(dict.fromkeys(["full", *specs]))
+    specs = list(dict.fromkeys([evaluate.reference_method(checkpoint), *specs]))
     try:
         task_list = parse_tasks(tasks)
     except ValueError as error:
@@ -357,7 +406,7 @@ def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
     cameras = checkpoint_cameras(checkpoint)
     video.parent.mkdir(parents=True, exist_ok=True)
     for spec in specs:
-        policy = CachedVLAPolicy(model, parse_method(spec))
+        policy = evaluate.make_policies(checkpoint, model, [spec])[0]
         outcome, frames = evaluate.run_episode(policy, tokenizer.encode_batch([ALL_TASKS[task]]), task, seed,
                                                model.config.image_size, max_steps, record=True, cameras=cameras)
         # the whole spec goes into the name: two settings of one method must not overwrite each other

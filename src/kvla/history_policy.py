@@ -48,12 +48,13 @@ class HistoryVLAPolicy:
     """
 
     def __init__(self, model: VLAModel, history: HistoryConfig, method: HistoryMethod | str = "history_full"):
-        self.model = model
         self.history = history
         self.method = parse_method(method) if isinstance(method, str) else method
         if getattr(self.method, "kind", "") != "history":
             raise ValueError(f"{self.method.name} is not a history method; a history VLA takes "
                              "history_full, history_window, no_history or kv_efficient")
+        self.model = self.method.prepare_model(model)
+        model = self.model
         self.layout = HistoryLayout.of(model.config)
         self.engine = HistoryEngine(model.language_model)
         self.state = HistoryState()
@@ -86,7 +87,7 @@ class HistoryVLAPolicy:
         state.crop(state.num_entries - layout.query_len)  # nobody else reads a step's instruction and placeholders
         state.step += 1
         after_prefill = self._sync()
-        notes = self.method.after_step(HistoryContext(state, layout, engine))
+        notes = self.method.after_step(HistoryContext(state, layout, engine, frame, model.config.num_cameras))
         if self.budget is not None and state.num_entries > self.budget:
             raise HistoryError(f"{self.method.name} left {state.num_entries} cache entries, over its budget of "
                                f"{self.budget}")

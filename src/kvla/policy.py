@@ -44,6 +44,8 @@ class CachedVLAPolicy:
     def __init__(self, model: VLAModel, method: ReuseMethod | str = "full"):
         self.model = model
         self.method = parse_method(method) if isinstance(method, str) else method
+        if getattr(self.method, "kind", "") == "history":
+            raise ValueError(f"{self.method.name} is a history method: run it on a history VLA with HistoryVLAPolicy")
         self.engine = PartialPrefillEngine(model.language_model)
         self.state = EpisodeState()
 

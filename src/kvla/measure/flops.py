@@ -17,14 +17,19 @@ from kvla.engine.layout import TokenLayout
 from kvla.model.vla import VLAConfig
 
 
+def attention_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
+    """MACs of one layer's attention proper (QK^T and AV) for `rows` queries over `key_slots` keys."""
+    head_dim = cfg.hidden_size // cfg.num_heads
+    return 2 * rows * cfg.num_heads * head_dim * key_slots
+
+
 def decoder_layer_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
     """MACs of one decoder layer computing `rows` tokens that attend over `key_slots` keys."""
     head_dim = cfg.hidden_size // cfg.num_heads
     q_width, kv_width = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
     projections = rows * cfg.hidden_size * (2 * q_width + 2 * kv_width)  # q, o and k, v
-    attention = 2 * rows * cfg.num_heads * head_dim * key_slots  # QK^T and AV
     mlp = 3 * rows * cfg.hidden_size * cfg.intermediate_size
-    return projections + attention + mlp
+    return projections + attention_macs(cfg, rows, key_slots) + mlp
 
 
 def statistic_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
@@ -111,3 +116,18 @@ def step_flops(cfg: VLAConfig, layout: TokenLayout, computed_tokens: list[int], 
 def plain_prefill_macs(cfg: VLAConfig, prompt_tokens: int) -> int:
     """Decoder-layer MACs of a plain prefill of `prompt_tokens` tokens (no head), the papers' count."""
     return cfg.num_layers * decoder_layer_macs(cfg, prompt_tokens, prompt_tokens)
+
+
+def history_step_flops(cfg: VLAConfig, block_rows: int, attended_entries: int, batch: int = 1) -> StepFlops:
+    """FLOPs of a history VLA's step: `block_rows` new rows (the frame and its query) attending over
+    `attended_entries` cached history entries and, densely, their own block."""
+    slots = attended_entries + block_rows
+    prefill = [2 * batch * decoder_layer_macs(cfg, block_rows, slots)] * cfg.num_layers
+    return StepFlops(vision=2 * batch * vision_macs(cfg), prefill_per_layer=prefill,
+                     prefill_tokens_per_layer=[block_rows] * cfg.num_layers, action_decoding=0,
+                     head=2 * batch * head_macs(cfg, cfg.num_action_tokens))
+
+
+def history_attention_flops(cfg: VLAConfig, block_rows: int, attended_entries: int, batch: int = 1) -> int:
+    """The attention part of history_step_flops: what the history's length costs a step."""
+    return 2 * batch * cfg.num_layers * attention_macs(cfg, block_rows, attended_entries + block_rows)

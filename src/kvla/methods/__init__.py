@@ -6,6 +6,7 @@ from kvla.methods.full import Full
 from kvla.methods.history_base import HistoryContext, HistoryMethod
 from kvla.methods.history_full import HistoryFull
 from kvla.methods.history_window import HistoryWindow
+from kvla.methods.kv_efficient import KVEfficient
 from kvla.methods.lac import LearnedCaching
 from kvla.methods.no_history import NoHistory
 from kvla.methods.periodic import PeriodicRefresh
@@ -14,6 +15,6 @@ from kvla.methods.vla_cache import OFFICIAL_CODE_SPEC, VLACache, code_reuse_rati
 
 __all__ = [
     "METHODS", "OFFICIAL_CODE_SPEC", "FastV", "Full", "HistoryContext", "HistoryFull", "HistoryMethod",
-    "HistoryWindow", "LearnedCaching", "NoHistory", "PeriodicRefresh", "PlanContext", "ReuseMethod", "StaticReuse", "VLACache",
+    "HistoryWindow", "KVEfficient", "LearnedCaching", "NoHistory", "PeriodicRefresh", "PlanContext", "ReuseMethod", "StaticReuse", "VLACache",
     "code_reuse_ratios", "method_label", "paper_reuse_ratios", "parse_method",
 ]

@@ -22,6 +22,8 @@ class HistoryContext:
     state: HistoryState
     layout: HistoryLayout
     engine: HistoryEngine
+    frame_embeddings: torch.Tensor  # [B, frame_len, hidden] decoder inputs of the frame just added
+    cameras: int
 
 
 class HistoryMethod:
@@ -30,6 +32,10 @@ class HistoryMethod:
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "history"
+
+    def prepare_model(self, model):
+        """The model this method runs (a method with trained weights of its own may adapt a copy)."""
+        return model
 
     def budget_entries(self, layout: HistoryLayout) -> int | None:
         """The most entries the cache may hold between two steps; None: no limit."""

@@ -33,6 +33,11 @@ class EpisodeOutcome:
     decode_ms: list[float] = field(default_factory=list)
     reuse: list[float] = field(default_factory=list)
     flops: list[float] = field(default_factory=list)
+    # per step of a history VLA: the cache after the step, the entries the step attended over, and
+    # the attention FLOPs of the step (what the history costs)
+    kv_bytes: list[int] = field(default_factory=list)
+    attended: list[int] = field(default_factory=list)
+    attention_flops: list[float] = field(default_factory=list)
 
 
 def shade_reused(images: np.ndarray, visual_depth: torch.Tensor, num_layers: int, patch: int) -> np.ndarray:
@@ -50,16 +55,22 @@ def shade_reused(images: np.ndarray, visual_depth: torch.Tensor, num_layers: int
     return np.concatenate(shaded, axis=1)
 
 
-def run_episode(policy: CachedVLAPolicy, text_ids: torch.Tensor, task: str, seed: int, image_size: int,
+def run_episode(policy, text_ids: torch.Tensor, task: str, seed: int, image_size: int,
                 max_steps: int, record: bool = False, cameras: tuple[str, ...] | None = None):
-    """One closed-loop episode; returns (outcome, frames with reused patches shaded if record).
+    """One closed-loop episode of a CachedVLAPolicy or a HistoryVLAPolicy; returns (outcome,
+    frames with reused patches shaded if record).
 
     `cameras` are the simulator cameras whose images the model takes, in its visual-token order."""
+    from kvla.history_policy import HistoryVLAPolicy
+    from kvla.measure.flops import history_attention_flops, history_step_flops
     from kvla.testbed.sim import CAMERA, SimEnv
 
     cameras = (CAMERA,) if cameras is None else tuple(cameras)
     model = policy.model
     cfg, layers = model.config, policy.engine.num_layers
+    history = isinstance(policy, HistoryVLAPolicy)
+    # a history VLA sees a frame every frame_stride env steps and executes that many actions of its chunk
+    actions_per_call = policy.history.frame_stride if history else cfg.action_chunk
     if len(cameras) != cfg.num_cameras:
         raise ValueError(f"the model takes {cfg.num_cameras} camera(s) but {len(cameras)} were given: {cameras}")
     outcome = EpisodeOutcome(method=method_label(policy.method), task=task, seed=seed, success=False, steps=0)
@@ -77,12 +88,24 @@ def run_episode(policy: CachedVLAPolicy, text_ids: torch.Tensor, task: str, seed
             outcome.select_ms.append(out.select_ms)
             outcome.prefill_ms.append(out.prefill_ms)
             outcome.decode_ms.append(out.decode_ms)
-            outcome.reuse.append(out.reuse_ratio)
-            outcome.flops.append(step_flops(cfg, model.layout, out.computed_tokens, batch=1,
-                                               statistic_rows=out.statistic_rows).total)
-            if record:
-                frames.append(shade_reused(observation["images"], out.visual_depth[0].cpu(), layers, cfg.patch_size))
-            chunk = out.actions[0].reshape(cfg.action_chunk, cfg.action_dim).numpy()
+            if history:
+                rows = policy.layout.block_len
+                outcome.reuse.append(0.0)
+                outcome.flops.append(history_step_flops(cfg, rows, out.attended_entries).total)
+                outcome.attention_flops.append(history_attention_flops(cfg, rows, out.attended_entries))
+                outcome.kv_bytes.append(out.kv_bytes)
+                outcome.attended.append(out.attended_entries)
+                if record:
+                    frames.append(np.concatenate(list(observation["images"]), axis=1))
+            else:
+                outcome.reuse.append(out.reuse_ratio)
+                outcome.flops.append(step_flops(cfg, model.layout, out.computed_tokens, batch=1,
+                                                statistic_rows=out.statistic_rows).total)
+                outcome.kv_bytes.append(policy.state.kv_bytes())
+                if record:
+                    frames.append(shade_reused(observation["images"], out.visual_depth[0].cpu(), layers,
+                                               cfg.patch_size))
+            chunk = out.actions[0].reshape(cfg.action_chunk, cfg.action_dim).numpy()[:actions_per_call]
             for action in chunk:  # an action chunk is executed open loop, as OpenVLA-OFT does
                 observation, success, done = env.step(action)
                 outcome.steps += 1
@@ -102,7 +125,25 @@ def _init_worker(checkpoint: str, method_specs: list[str], threads: int):
     torch.set_num_threads(threads)
     model, tokenizer = load_policy_checkpoint(checkpoint)
     _WORKER.update(model=model, tokenizer=tokenizer, cameras=checkpoint_cameras(checkpoint),
-                   policies=[CachedVLAPolicy(model, parse_method(spec)) for spec in method_specs])
+                   policies=make_policies(checkpoint, model, method_specs))
+
+
+def reference_method(checkpoint) -> str:
+    """What every method of a checkpoint is paired against: `full`, or `history_full` for a history VLA."""
+    from kvla.model.history import is_history_checkpoint
+
+    return "history_full" if is_history_checkpoint(checkpoint) else "full"
+
+
+def make_policies(checkpoint, model, method_specs: list[str]) -> list:
+    """One policy per method: CachedVLAPolicy, or HistoryVLAPolicy for a history VLA checkpoint."""
+    from kvla.history_policy import HistoryVLAPolicy
+    from kvla.model.history import is_history_checkpoint, load_history_config
+
+    if is_history_checkpoint(checkpoint):
+        history = load_history_config(checkpoint)
+        return [HistoryVLAPolicy(model, history, parse_method(spec)) for spec in method_specs]
+    return [CachedVLAPolicy(model, parse_method(spec)) for spec in method_specs]
 
 
 def _run_job(job) -> list[EpisodeOutcome]:
