@@ -79,6 +79,74 @@ def bench_latency(
         console.print(f"wrote {json_path}")
 
 
+@bench_app.command("history")
+def bench_history(
+    checkpoint: Path = typer.Option(Path("checkpoints/history-vla-v1"), help="A history VLA checkpoint."),
+    methods: str = typer.Option("history_window,no_history,kv_efficient",
+                                help="Comma-separated history methods; history_full always runs, as the reference."),
+    task: str = typer.Option("push-hidden-goal-v3", help="The task whose scripted-expert episode gives the frames."),
+    seed: int = typer.Option(10_000, help="Its seed."),
+    env_steps: int = typer.Option(200, help="Env steps of the episode (the expert keeps acting after success)."),
+    at_step: int = typer.Option(150, help="The episode step the table reports."),
+    repeats: int = typer.Option(3, help="Runs of the episode; latency is the median over them."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
+    json_path: Path = typer.Option(None, "--json", help="Write every method's curves here."),
+    plot: Path = typer.Option(None, help="Write KV bytes, attention FLOPs and latency against the episode step here."),
+    progress: bool = typer.Option(True),
+):
+    """KV memory, attention FLOPs and step latency of history methods as the episode goes on."""
+    from kvla.measure.history_costs import curves_as_json, plot_history_costs, record_expert_frames, run_history_costs
+    from kvla.model.history import is_history_checkpoint
+    from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
+    from kvla.testbed import evaluate
+    from kvla.testbed.sim import ALL_TASKS, parse_tasks
+
+    if not is_history_checkpoint(checkpoint):
+        raise typer.BadParameter(f"{checkpoint} is not a history VLA checkpoint", param_hint="--checkpoint")
+    specs = list(dict.fromkeys(["history_full", *[s for s in methods.split(",") if s.strip()]]))
+    try:
+        parse_tasks(task)
+        for spec in specs:
+            if getattr(parse_method(spec), "kind", "") != "history":
+                raise ValueError(f"{spec} is not a history method")
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from None
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_policy_checkpoint(checkpoint)
+    policies = evaluate.make_policies(checkpoint, model, specs)
+    stride = policies[0].history.frame_stride
+    images, proprio = record_expert_frames(task, seed, env_steps, stride, model.config.image_size,
+                                           checkpoint_cameras(checkpoint))
+    labels = [evaluate.method_label(p.method) for p in policies]
+    curves = run_history_costs(policies, labels, images, proprio, tokenizer.encode_batch([ALL_TASKS[task]]), stride,
+                               repeats=repeats, progress=progress)
+    table = Table(title=f"kvla bench history - {checkpoint}, {task} seed {seed}, at env step {at_step}, "
+                        f"{_machine()}, median of {repeats} runs")
+    for column in ("method", "frames' worth attended", "KV MiB held", "KV less than full", "attention GFLOPs", "step ms",
+                   "speed-up"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    reference = curves[0].at(at_step)
+    for curve in curves:
+        row = curve.at(at_step)
+        frames = row["attended"] / policies[0].layout.frame_len
+        table.add_row(curve.method, f"{frames:.1f}", f"{row['kv_bytes'] / 2**20:.2f}",
+                      f"{reference['kv_bytes'] / row['kv_bytes']:.2f}x" if row["kv_bytes"] else "-",
+                      f"{row['attention_flops'] / 1e9:.2f}",
+                      f"{row['step_ms']:.1f}", f"{row['speedup']:.2f}x")
+    console.print(table)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps({"checkpoint": str(checkpoint), "task": task, "seed": seed,
+                                         "at_step": at_step, "machine": _machine(), "repeats": repeats,
+                                         "curves": curves_as_json(curves)}, indent=2))
+        console.print(f"wrote {json_path}")
+    if plot:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_history_costs(curves, plot, marker_step=at_step)
+        console.print(f"wrote {plot}")
+
+
 @bench_app.command("flops")
 def bench_flops(
     preset: str = typer.Option("openvla-7b", help="Model preset."),
@@ -424,6 +492,12 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
     from kvla.model.reference import checkpoint_cameras, load_policy_checkpoint
     from kvla.testbed.train import split_demos
 
+    from kvla.model.history import is_history_checkpoint
+
+    if is_history_checkpoint(checkpoint):
+        raise typer.BadParameter(f"{checkpoint} is a history VLA: --fidelity compares single-frame methods; "
+                                 "`kvla train kv-efficient` logs a history method's agreement with history_full",
+                                 param_hint="--fidelity")
     if not data.exists():
         raise typer.BadParameter(f"{data} does not exist", param_hint="--data")
     model, tokenizer = load_policy_checkpoint(checkpoint)
