@@ -166,6 +166,21 @@ def resolve_mixed_precision(setting: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "no"
 
 
+def warmup_cosine(optimizer, warmup_steps: int, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup_steps`, then a cosine to 0 at `max_steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / max_steps))))
+
+
+def restore_training_state(path, optimizer, schedule, generator) -> dict:
+    """Load a training_state.pt's optimizer, schedule and data-order generator; returns the rest of it."""
+    saved = torch.load(path, weights_only=False)
+    optimizer.load_state_dict(saved.pop("optimizer"))
+    schedule.load_state_dict(saved.pop("schedule"))
+    generator.set_state(saved.pop("generator"))
+    return saved
+
+
 def _check_continuation(directory: Path, config, cameras: tuple[str, ...], image_size: int, cfg: TrainConfig) -> None:
     """A run that starts from a checkpoint (--resume, --init-from) must have that checkpoint's shape."""
     from kvla.model.reference import checkpoint_cameras
@@ -225,15 +240,11 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.max_steps))))
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, best = 0, math.inf
     if resume and state_path.exists():
-        saved = torch.load(state_path, weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        generator.set_state(saved["generator"])
+        saved = restore_training_state(state_path, optimizer, schedule, generator)
         step, best = saved["step"], saved["best_val_loss"]
 
     log_path = out / "log.jsonl"

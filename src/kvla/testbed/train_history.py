@@ -25,7 +25,9 @@ from kvla.engine.history import HistoryEngine
 from kvla.model.history import HistoryConfig, sequence_logits, save_history_config
 from kvla.model.reference import InstructionTokenizer, checkpoint_cameras
 from kvla.model.vla import VLAModel
-from kvla.testbed.train import random_shift, resolve_mixed_precision, save_observation_spec, split_demos
+from kvla.testbed.train import (
+    random_shift, resolve_mixed_precision, restore_training_state, save_observation_spec, split_demos, warmup_cosine,
+)
 
 
 @dataclass
@@ -154,15 +156,11 @@ def train_history(cfg: HistoryTrainConfig, resume: bool = False, progress: bool 
     plain = accelerator.unwrap_model(model)
     engine = HistoryEngine(plain.language_model)
     model.train()
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.max_steps))))
+    schedule = warmup_cosine(optimizer, cfg.warmup_steps, cfg.max_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, best = 0, math.inf
     if resume and state_path.exists():
-        saved = torch.load(state_path, weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        generator.set_state(saved["generator"])
+        saved = restore_training_state(state_path, optimizer, schedule, generator)
         step, best = saved["step"], saved["best_val_loss"]
 
     log_path = out / "log.jsonl"

@@ -189,7 +189,7 @@ def train_kv_efficient(cfg: KVEfficientTrainConfig, resume: bool = False, progre
     from kvla.model.history import load_history_config
     from kvla.model.reference import InstructionTokenizer, checkpoint_cameras
     from kvla.testbed.data import demo_index
-    from kvla.testbed.train import resolve_mixed_precision, split_demos
+    from kvla.testbed.train import resolve_mixed_precision, restore_training_state, split_demos, warmup_cosine
     from kvla.testbed.train_history import frame_index, load_episodes
 
     out = Path(cfg.out)
@@ -242,15 +242,11 @@ def train_kv_efficient(cfg: KVEfficientTrainConfig, resume: bool = False, progre
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (
-        1 + math.cos(math.pi * min(1.0, s / cfg.max_steps))))
+    schedule = warmup_cosine(optimizer, 20, cfg.max_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
     step, best = 0, -math.inf
     if resuming:
-        saved = torch.load(state_path, weights_only=False)
-        optimizer.load_state_dict(saved["optimizer"])
-        schedule.load_state_dict(saved["schedule"])
-        generator.set_state(saved["generator"])
+        saved = restore_training_state(state_path, optimizer, schedule, generator)
         step, best = saved["step"], saved["best"]
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
