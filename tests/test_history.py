@@ -40,7 +40,7 @@ def test_the_cache_path_equals_the_teacher_forced_sequence(family, spec, window)
     images, proprio, text = _episode()
     with torch.no_grad():
         reference = sequence_logits(model, HistoryEngine(model.language_model), images, proprio, text, window)
-    stepped = _run(HistoryVLAPolicy(model, HistoryConfig(), spec), images, proprio, text)
+    stepped = _run(HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), spec), images, proprio, text)
     assert stepped.shape == reference.shape
     assert (stepped - reference).abs().max() < 1e-4
 
@@ -50,7 +50,7 @@ def test_without_history_a_step_is_the_single_frame_vla():
     model = _tiny_history_model()
     images, proprio, text = _episode(frames=3)
     single = CachedVLAPolicy(model, "full")
-    history = HistoryVLAPolicy(model, HistoryConfig(), "no_history")
+    history = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "no_history")
     history.reset()
     for i in range(3):
         single.reset()
@@ -62,11 +62,11 @@ def test_without_history_a_step_is_the_single_frame_vla():
 def test_history_changes_the_prediction_and_full_history_grows():
     model = _tiny_history_model()
     images, proprio, text = _episode()
-    full = _run(HistoryVLAPolicy(model, HistoryConfig(), "history_full"), images, proprio, text)
-    none = _run(HistoryVLAPolicy(model, HistoryConfig(), "no_history"), images, proprio, text)
+    full = _run(HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "history_full"), images, proprio, text)
+    none = _run(HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "no_history"), images, proprio, text)
     assert torch.equal(full[0], none[0])  # the first frame has no history either way
     assert (full[1:] - none[1:]).abs().amax(dim=(1, 2)).min() > 1e-3
-    policy = HistoryVLAPolicy(model, HistoryConfig(), "history_full")
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "history_full")
     policy.reset()
     layout = HistoryLayout.of(model.config)
     for i in range(4):
@@ -79,7 +79,7 @@ def test_history_changes_the_prediction_and_full_history_grows():
 @pytest.mark.parametrize("spec", ["history_window:frames=3", "no_history", "history_window:frames=0"])
 def test_a_history_run_never_exceeds_its_budget(spec):
     model = _tiny_history_model()
-    policy = HistoryVLAPolicy(model, HistoryConfig(), spec)
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), spec)
     layout = HistoryLayout.of(model.config)
     budget = policy.method.budget_entries(layout)
     images, proprio, text = _episode(frames=8)
@@ -99,7 +99,7 @@ def test_a_method_over_its_budget_is_stopped():
             return layout.frame_len  # one frame, but it keeps every frame
 
     model = _tiny_history_model()
-    policy = HistoryVLAPolicy(model, HistoryConfig(), Leaky())
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), Leaky())
     images, proprio, text = _episode(frames=2)
     policy.step(images[:1], text, proprio[:1])
     with pytest.raises(HistoryError, match="over its budget"):
@@ -110,7 +110,7 @@ def test_reset_starts_a_clean_episode():
     model = _tiny_history_model()
     images, proprio, text = _episode()
     other_images, other_proprio, _ = _episode(seed=1)
-    policy = HistoryVLAPolicy(model, HistoryConfig(), "history_full")
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "history_full")
     first = _run(policy, images, proprio, text)
     _run(policy, other_images, other_proprio, text)  # another episode in between
     again = _run(policy, images, proprio, text)  # _run resets
@@ -122,12 +122,12 @@ def test_reset_starts_a_clean_episode():
 def test_history_misuse_names_the_problem():
     model = _tiny_history_model()
     images, proprio, text = _episode(frames=2)
-    policy = HistoryVLAPolicy(model, HistoryConfig(), "history_full")
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "history_full")
     policy.step(images[:1], text, proprio[:1])
     with pytest.raises(HistoryError, match="instruction changed"):
         policy.step(images[1:2], text + 1, proprio[1:2])
     with pytest.raises(ValueError, match="not a history method"):
-        HistoryVLAPolicy(model, HistoryConfig(), "vla_cache")
+        HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "vla_cache")
     with pytest.raises(ValueError, match="history method"):
         CachedVLAPolicy(model, "history_full")
     with pytest.raises(ValueError, match="frames >= 0"):
@@ -136,7 +136,7 @@ def test_history_misuse_names_the_problem():
 
 def test_cache_edits_keep_position_order():
     model = _tiny_history_model()
-    policy = HistoryVLAPolicy(model, HistoryConfig(), "history_full")
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "history_full")
     images, proprio, text = _episode(frames=3)
     policy.reset()
     for i in range(3):

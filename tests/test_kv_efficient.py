@@ -53,15 +53,18 @@ def _threshold_between(model, modules, method, images, proprio, text):
     return ((utilities[len(utilities) // 2 - 1] + utilities[len(utilities) // 2]) / 2).item()
 
 
-@pytest.mark.parametrize("keep", ["all", "none", "some"])
+@pytest.mark.parametrize("keep", ["all", "none", "some", "all, over budget"])
 def test_the_training_pass_with_hard_decisions_equals_the_cache_path(tmp_path, keep):
     model = _model()
     modules = _modules(model, tmp_path)
     images, proprio, text = _episode()
-    method = KVEfficient(modules=str(tmp_path), chunk_frames=2, recent_frames=3, kv_budget=10**6)
-    method.keep_threshold = {"all": 0.0, "none": 1.0}.get(keep) if keep != "some" else \
+    layout = HistoryLayout.of(model.config)
+    # over budget: room for the window and one kept chunk, so the budget drops chunks as they come
+    budget = (3 + 2 - 1) * layout.frame_len + pooling_matrix(layout, 2, 2, 2).shape[0] if "budget" in keep else 10**6
+    method = KVEfficient(modules=str(tmp_path), chunk_frames=2, recent_frames=3, kv_budget=budget)
+    method.keep_threshold = {"all": 0.0, "none": 1.0, "all, over budget": 0.0}.get(keep) if keep != "some" else \
         _threshold_between(model, modules, method, images, proprio, text)
-    policy = HistoryVLAPolicy(model, HistoryConfig(), method)
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), method)
     stepped = _stepped(policy, images, proprio, text)
     with torch.no_grad():
         reference, logits, decisions = compressed_sequence_logits(model, policy.engine, modules, method, images,
@@ -69,6 +72,11 @@ def test_the_training_pass_with_hard_decisions_equals_the_cache_path(tmp_path, k
     assert (stepped - reference).abs().max() < 1e-4
     kept_chunks = int(decisions.sum().item())
     assert kept_chunks == {"all": len(decisions), "none": 0}.get(keep, kept_chunks)
+    if "budget" in keep:
+        held = policy.state.method_memory["kv_efficient"]["utility"]
+        assert 0 < len(held) < method.first_full_frame(FRAMES) // 2  # every chunk kept, some dropped by the budget
+        assert policy.state.num_entries <= budget
+        return
     if keep == "some":
         assert 0 < kept_chunks < len(decisions)
     state, layout = policy.state, policy.layout
@@ -89,7 +97,7 @@ def test_the_kv_budget_is_never_exceeded_and_drops_the_least_useful_chunk(tmp_pa
     pooled = pooling_matrix(layout, 2, 2, 2).shape[0]
     method = KVEfficient(modules=str(tmp_path), chunk_frames=2, recent_frames=3, keep_threshold=0.0,
                          kv_budget=window + 2 * pooled)  # room for two kept chunks beside the window
-    policy = HistoryVLAPolicy(model, HistoryConfig(), method)
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), method)
     images, proprio, text = _episode(frames=16)
     policy.reset()
     drops = 0
@@ -101,7 +109,7 @@ def test_the_kv_budget_is_never_exceeded_and_drops_the_least_useful_chunk(tmp_pa
     utilities = policy.state.method_memory["kv_efficient"]["utility"]
     assert len(utilities) == 2  # the two most useful chunks are the ones still held
     with pytest.raises(ValueError, match="cannot hold the recent window"):
-        HistoryVLAPolicy(model, HistoryConfig(), KVEfficient(modules=str(tmp_path), recent_frames=3, kv_budget=10))
+        HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), KVEfficient(modules=str(tmp_path), recent_frames=3, kv_budget=10))
 
 
 def test_pooling_averages_each_patch_group_over_the_chunk():
@@ -120,7 +128,7 @@ def test_pooling_averages_each_patch_group_over_the_chunk():
 def test_kv_efficient_state_resets_per_episode(tmp_path):
     model = _model()
     _modules(model, tmp_path)
-    policy = HistoryVLAPolicy(model, HistoryConfig(), KVEfficient(modules=str(tmp_path), recent_frames=2,
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), KVEfficient(modules=str(tmp_path), recent_frames=2,
                                                                   keep_threshold=0.0, kv_budget=10**6))
     images, proprio, text = _episode()
     first = _stepped(policy, images, proprio, text)
@@ -204,7 +212,7 @@ def test_training_resumes_exactly_and_its_lora_merges_into_the_policy(tmp_path):
 
     modules_dir = tmp_path / "a" / "checkpoint"
     base = VLAModel.from_pretrained(checkpoint)
-    policy = HistoryVLAPolicy(base, HistoryConfig(), f"{method}:modules={modules_dir}")
+    policy = HistoryVLAPolicy(base, HistoryConfig(frame_stride=2), f"{method}:modules={modules_dir}")
     assert policy.model is not base  # the caller's model keeps its own weights
     wrapped = VLAModel.from_pretrained(checkpoint)
     peft_model, _ = _lora(wrapped.language_model, 4, 16)

@@ -111,6 +111,8 @@ def bench_history(
                 raise ValueError(f"{spec} is not a history method")
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
+    if not 0 <= at_step < env_steps:
+        raise typer.BadParameter(f"must be within the episode's {env_steps} env steps", param_hint="--at-step")
     if threads:
         torch.set_num_threads(threads)
     model, tokenizer = load_policy_checkpoint(checkpoint)

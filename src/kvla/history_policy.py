@@ -53,6 +53,9 @@ class HistoryVLAPolicy:
         if getattr(self.method, "kind", "") != "history":
             raise ValueError(f"{self.method.name} is not a history method; a history VLA takes "
                              "history_full, history_window, no_history or kv_efficient")
+        if not 1 <= history.frame_stride <= model.config.action_chunk:
+            raise ValueError(f"frame_stride {history.frame_stride} must be 1..{model.config.action_chunk} (the action "
+                             "chunk): the policy executes frame_stride actions of each chunk")
         self.model = self.method.prepare_model(model)
         model = self.model
         self.layout = HistoryLayout.of(model.config)

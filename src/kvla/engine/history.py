@@ -92,7 +92,8 @@ class HistoryState:
         return 0 if self.cache is None else sum(layer.nbytes() for layer in self.cache.layers)
 
     def frames_held(self) -> list[int]:
-        """The control steps whose frames still have entries (at full resolution or pooled)."""
+        """The control steps whose frames still have entries: a frame at full resolution, and for
+        a pooled run the first frame it was pooled from."""
         if self.entry_frame is None:
             return []
         return sorted(set(self.entry_frame.tolist()))
@@ -123,7 +124,8 @@ class HistoryState:
     def replace_run(self, start: int, end: int, keys: list[torch.Tensor], values: list[torch.Tensor],
                     frame: int) -> None:
         """Replace entries [start, end) with the given per-layer K/V [B, kv_heads, n, head_dim] (n <= end - start),
-        recorded as POOLED entries of `frame` at the run's first n positions (their order is kept)."""
+        recorded as POOLED entries of `frame`. Their recorded positions (the run's first n) only keep
+        the entries' order; RoPE is already inside the cached keys."""
         layers = self.layers()
         if not 0 <= start < end <= self.num_entries:
             raise HistoryError(f"run [{start}, {end}) is outside a cache of {self.num_entries} entries")
@@ -146,8 +148,21 @@ class HistoryState:
         self.entry_position = torch.cat([self.entry_position[:start], positions, self.entry_position[end:]])
 
     def crop(self, entries: int) -> None:
-        """Keep the first `entries` entries (drops the placeholders a step appended last)."""
-        self.keep(torch.arange(entries))
+        """Keep the first `entries` entries (drops the query rows a step appended last): a slice,
+        no copy of the history."""
+        if not 0 <= entries <= self.num_entries:
+            raise HistoryError(f"cannot crop a cache of {self.num_entries} entries to {entries}")
+        for layer in self.layers():
+            layer.keys, layer.values = layer.keys[:, :, :entries], layer.values[:, :, :entries]
+        self.entry_kind, self.entry_frame, self.entry_position = (
+            t[:entries] for t in (self.entry_kind, self.entry_frame, self.entry_position))
+
+
+def attention_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype attention computes in: the autocast dtype inside autocast (training), else the model's."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return model_dtype
 
 
 class HistoryEngine:
@@ -171,8 +186,11 @@ class HistoryEngine:
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
         """Final-norm hidden states [B, q, hidden] of `embeds` [B, q, hidden] at `positions` [B, q],
-        attending over the cache's entries and then their own rows, as the boolean `mask`
-        [B or 1, 1, q, entries + q] allows (True: attend). The new K/V are appended to `cache`."""
+        attending over the cache's entries and then their own rows, as `mask` [B or 1, 1, q,
+        entries + q] allows: boolean (True: attend) or additive. The new K/V are appended to `cache`."""
+        if mask.dtype == torch.bool:  # additive, as every attention implementation reads it
+            dtype = attention_dtype(embeds.device, self.dtype)
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
         cos, sin = self.parts.rotary_embedding(embeds, position_ids=positions)
         hidden = embeds
         for layer in self.parts.layers:

@@ -21,7 +21,8 @@ It gives no chunk size, window, widths, keep rule or loss; kvla's choices (all s
   the chunk's frames (mean pooling of post-RoPE K/V, as the proof of concept pools a chunk);
   drop: its entries leave the cache;
 - a hard budget `kv_budget` entries: while the cache holds more, the kept chunk of lowest
-  utility is dropped; the default equals `history_window:frames=8`.
+  utility is dropped; the default, 1040, is what `history_window:frames=8` holds on the
+  reference history VLA (130 entries a frame).
 
 Training (`kvla train kv-efficient`): the gate and a LoRA of the decoder, on demonstrations,
 through the same compressed cache in one teacher-forced pass per episode; each chunk's keep
@@ -44,8 +45,9 @@ from kvla.methods.base import register
 from kvla.methods.history_base import HistoryContext, HistoryMethod
 from kvla.model.history import HistoryLayout
 
-MODULES_FILE, CONFIG_FILE, LORA_FILE, LORA_CONFIG_FILE = (
-    "kv_efficient_modules.safetensors", "kv_efficient_config.json", "lora.safetensors", "lora_config.json")
+MODULES_FILE, CONFIG_FILE, LORA_FILE, LORA_CONFIG_FILE, METHOD_FILE = (
+    "kv_efficient_modules.safetensors", "kv_efficient_config.json", "lora.safetensors", "lora_config.json",
+    "method.json")
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class KVEfficient(HistoryMethod):
     recent_frames: int = 4
     spatial_pool: int = 2
     keep_threshold: float = 0.5
-    kv_budget: int = 1040  # cache entries between steps; 8 frames of the reference history VLA
+    kv_budget: int = 1040  # cache entries between steps; 8 frames of the reference history VLA (130 entries each)
     lora: bool = True  # merge the trained LoRA compensation into the VLA, if the modules have one
 
     def __post_init__(self):
@@ -161,6 +163,28 @@ class KVEfficient(HistoryMethod):
                              f"a chunk of {self.chunk_frames} leaving, {layout.frame_len} entries a frame)")
         return self.kv_budget
 
+    def replay_budget(self, layout: HistoryLayout, pooled_per_chunk: int, utilities: list[float],
+                      frames: int) -> tuple[list[set[int]], list[set[int]]]:
+        """What after_step leaves in the cache before each block t < frames, from the chunks'
+        utilities (in order): per block, the kept chunks held, and the kept chunks the budget has
+        dropped by then. Training builds its mask from this, so that the budget binds there as here."""
+        held: dict[int, float] = {}
+        budget_dropped: set[int] = set()
+        decided, held_per_block, dropped_per_block = 0, [], []
+        for block in range(frames):
+            first_full = self.first_full_frame(block)
+            while (decided + 1) * self.chunk_frames <= first_full:
+                if utilities[decided] >= self.keep_threshold:
+                    held[decided] = utilities[decided]
+                decided += 1
+            while (block - first_full) * layout.frame_len + len(held) * pooled_per_chunk > self.kv_budget and held:
+                weakest = min(held, key=held.get)
+                del held[weakest]
+                budget_dropped.add(weakest)
+            held_per_block.append(set(held))
+            dropped_per_block.append(set(budget_dropped))
+        return held_per_block, dropped_per_block
+
     def load_modules(self) -> KVEfficientModules:
         if self._modules is None:
             self._modules = KVEfficientModules.load(self.modules)
@@ -168,11 +192,32 @@ class KVEfficient(HistoryMethod):
 
     def prepare_model(self, model):
         """The VLA with the trained LoRA compensation merged into a copy of its weights (the
-        caller's model is left as it is); the model itself without one."""
+        caller's model is left as it is); the model itself without one. Checks first that the
+        modules were trained for this model and these settings."""
+        self.load_modules()
+        self.check_trained_for(model)
         path = Path(self.modules)
         if not self.lora or not (path / LORA_FILE).exists():
             return model
         return merge_lora(model, path)
+
+    def shape_settings(self) -> dict:
+        """The settings the gate and the LoRA are trained for."""
+        return {"chunk_frames": self.chunk_frames, "recent_frames": self.recent_frames,
+                "spatial_pool": self.spatial_pool}
+
+    def check_trained_for(self, model) -> None:
+        path = Path(self.modules) / METHOD_FILE
+        if not path.exists():
+            return  # modules saved without a record (tests build them by hand)
+        trained = json.loads(path.read_text())
+        differ = [f"{k}={v} (trained: {trained['settings'][k]})" for k, v in self.shape_settings().items()
+                  if trained["settings"].get(k) != v]
+        if differ:
+            raise ValueError(f"{self.modules} was trained with other kv_efficient settings: {', '.join(differ)}")
+        if trained.get("model_config") not in (None, asdict(model.config)):
+            raise ValueError(f"{self.modules} was trained on another history VLA ({trained.get('checkpoint')}); "
+                             "train the gate for this model with `kvla train kv-efficient`")
 
     # ------------------------------------------------------------------ inference
     def after_step(self, ctx: HistoryContext) -> dict:
@@ -239,6 +284,9 @@ def merge_lora(model, directory):
     merged = copy.deepcopy(model)
     config = LoraConfig(**json.loads((directory / LORA_CONFIG_FILE).read_text()))
     peft_model = get_peft_model(merged.language_model, config)
-    set_peft_model_state_dict(peft_model, load_file(str(directory / LORA_FILE)))
+    loaded = set_peft_model_state_dict(peft_model, load_file(str(directory / LORA_FILE)))
+    if loaded.unexpected_keys:
+        raise ValueError(f"{directory / LORA_FILE} holds weights this model has no place for: "
+                         f"{loaded.unexpected_keys[:3]}")
     merged.language_model = peft_model.merge_and_unload()
     return merged.eval()

@@ -6,7 +6,8 @@ every chunk that has left the window, its pooled entries (pooled in every layer 
 own K/V, as the method pools its cache). The keep decision of chunk c is relaxed to a binary
 concrete sample z_c = sigmoid((l_c + log u - log(1 - u)) / temperature), u ~ U(0, 1), which enters
 as log z_c on the attention logits of the chunk's pooled entries (z_c = 1: kept as is, z_c -> 0:
-dropped); the loss is the action cross-entropy plus `memory_weight` times the mean utility
+dropped); a chunk the hard KV budget would have dropped by block t (replayed as at inference) is
+not seen there at all; the loss is the action cross-entropy plus `memory_weight` times the mean utility
 sigmoid(l_c) of the chunks that left the window (a memory penalty). With hard=True the decisions
 are the method's own (utility >= keep_threshold): the pass then equals the method's cache path.
 The history VLA's weights stay frozen; a LoRA (peft) on the decoder's q and v projections learns
@@ -27,10 +28,10 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from kvla.engine import compat
-from kvla.engine.history import HistoryEngine
+from kvla.engine.history import HistoryEngine, attention_dtype
 from kvla.methods.base import parse_method
 from kvla.methods.kv_efficient import (
-    LORA_CONFIG_FILE, LORA_FILE, KVEfficient, KVEfficientModules, KVEfficientModulesConfig, frame_features,
+    LORA_CONFIG_FILE, LORA_FILE, METHOD_FILE, KVEfficient, KVEfficientModules, KVEfficientModulesConfig, frame_features,
     pooling_matrix,
 )
 from kvla.model.history import HistoryLayout, frame_embeddings, query_embeddings
@@ -61,13 +62,6 @@ class PoolingKVLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return 0
-
-
-def _mask_dtype(device: torch.device) -> torch.dtype:
-    """The dtype attention computes in here: the autocast dtype inside autocast, else float32."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return torch.float32
 
 
 def compressed_sequence_logits(model: VLAModel, engine: HistoryEngine, modules: KVEfficientModules,
@@ -107,14 +101,20 @@ def compressed_sequence_logits(model: VLAModel, engine: HistoryEngine, modules: 
     query_block, key_block = block[:, None], block[None, :]
     visible = (key_block == query_block) & (index[None, :] <= index[:, None])
     visible |= frame_row[None, :] & (key_block < query_block) & (key_block >= first_full[block][:, None])
-    dtype = _mask_dtype(device)
+    dtype = attention_dtype(device, engine.dtype)
     lowest = torch.finfo(dtype).min
     mask = torch.where(visible, 0.0, lowest)
     if decided:
-        chunk = torch.arange(decided, device=device)
-        sees_chunk = ((chunk[None, :] + 1) * size <= first_full[block][:, None])  # [L, chunks]
+        # the chunks block t sees: those decided before it, less those the hard budget dropped by
+        # then (the budget counts the chunks the hard rule keeps, as at inference); with hard
+        # decisions, only the kept ones
+        utilities = torch.sigmoid(logits.detach().float()).tolist()
+        held, budget_dropped = method.replay_budget(layout, pooled_per_chunk, utilities, count)
+        chunk = range(decided)
+        sees = [[(c + 1) * size <= method.first_full_frame(t) and c not in budget_dropped[t]
+                 and (c in held[t] or not hard) for c in chunk] for t in range(count)]
+        sees_chunk = torch.tensor(sees, dtype=torch.bool, device=device)[block]  # [L, chunks]
         bias = torch.where(sees_chunk, keep.clamp_min(1e-6).log()[None, :], lowest)
-        bias = torch.where(keep[None, :] == 0, lowest, bias) if hard else bias
         mask = torch.cat([mask, bias.repeat_interleave(pooled_per_chunk, dim=1)], dim=1)
     mask = mask.clamp_min(lowest).to(dtype)[None, None]
 
@@ -170,7 +170,7 @@ def validate(model, engine, modules, method, episodes, stride, max_frames, witho
                                                                 episode.text_ids, hard=True)
         with without_lora():  # the frozen history VLA's own weights
             full = sequence_logits(model, engine, images, proprio, episode.text_ids)
-        targets = model.actions_to_tokens(episode.targets[index])
+        targets = model.actions_to_tokens(episode.targets[index]).to(logits.device)
         totals["loss"] += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum").item()
         totals["agree"] += (logits.argmax(-1) == full.argmax(-1)).sum().item()
         totals["tokens"] += targets.numel()
@@ -235,12 +235,15 @@ def train_kv_efficient(cfg: KVEfficientTrainConfig, resume: bool = False, progre
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(peft_model, load_file(str(out / "checkpoint" / LORA_FILE)))
-    engine = HistoryEngine(model.language_model)
-    parameters = list(modules.parameters()) + [p for p in model.parameters() if p.requires_grad]
-
+            loaded = set_peft_model_state_dict(peft_model, load_file(str(out / "checkpoint" / LORA_FILE)))
+            if loaded.unexpected_keys:
+                raise ValueError(f"{out / 'checkpoint'} holds a LoRA of another shape; use another --out")
     AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision))
+    model.to(accelerator.device)  # one process: the frozen VLA needs no wrapping, only its place
+    modules.to(accelerator.device)
+    engine = HistoryEngine(model.language_model)
+    parameters = list(modules.parameters()) + [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, weight_decay=0.0)
     schedule = warmup_cosine(optimizer, 20, cfg.max_steps)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -252,7 +255,9 @@ def train_kv_efficient(cfg: KVEfficientTrainConfig, resume: bool = False, progre
 
     def save(directory: Path):
         modules.save(directory)
-        (directory / "method.json").write_text(json.dumps({"method": cfg.method, "checkpoint": cfg.checkpoint}))
+        (directory / METHOD_FILE).write_text(json.dumps({
+            "method": cfg.method, "checkpoint": cfg.checkpoint, "settings": method.shape_settings(),
+            "model_config": asdict(model.config)}, indent=2))
         if lora_config is not None:
             from peft import get_peft_model_state_dict
 
@@ -284,7 +289,7 @@ def train_kv_efficient(cfg: KVEfficientTrainConfig, resume: bool = False, progre
                 logits, chunk_logits, _ = compressed_sequence_logits(
                     model, engine, modules, method, episode.images[index], episode.proprio[index], episode.text_ids,
                     temperature=cfg.temperature, generator=generator)
-                targets = model.actions_to_tokens(episode.targets[index])
+                targets = model.actions_to_tokens(episode.targets[index]).to(logits.device)
                 action_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
                 utility = torch.sigmoid(chunk_logits.float()).mean() if len(chunk_logits) else action_loss.new_zeros(())
                 loss = action_loss + cfg.memory_weight * utility
