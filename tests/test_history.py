@@ -204,3 +204,23 @@ def test_a_memory_task_shows_its_goal_only_in_the_first_steps():
             obs, _, _ = env.step(expert_action(name, obs["state"]))
         assert shown == [True] * visible + [False] * 2
         assert env.instruction == TASKS["push-v3"]
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("metaworld") is None, reason="needs metaworld")
+def test_history_closed_loop_in_the_simulator(tmp_path):
+    """The eval path builds history policies for a history checkpoint, pairs them against
+    history_full, executes frame_stride actions per call and records the cache at every step."""
+    from conftest import make_history_checkpoint
+    from kvla.testbed import evaluate
+
+    make_history_checkpoint(tmp_path)
+    assert evaluate.reference_method(tmp_path) == "history_full"
+    results = evaluate.run_closed_loop(str(tmp_path), ["history_full", "no_history", "history_window:frames=1"],
+                                       ["push-hidden-goal-v3"], 1, max_steps=12, workers=1, progress=False)
+    full, none, window = results[0]
+    assert full.steps == none.steps == window.steps == 12  # random weights never succeed: 3 calls of 4 actions
+    assert full.attended == [0, 34, 68] and none.attended == [0, 0, 0] and window.attended == [0, 34, 34]
+    assert full.kv_bytes[0] < full.kv_bytes[1] < full.kv_bytes[2] and none.kv_bytes == [0, 0, 0]
+    assert full.attention_flops[2] > full.attention_flops[1] > full.attention_flops[0] == none.attention_flops[2]
+    summaries = evaluate.summarise(results, [o.method for o in results[0]])
+    assert [s.method for s in summaries if s.task == "all"] == ["history_full", "no_history", "history_window:frames=1"]

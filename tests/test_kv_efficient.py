@@ -10,9 +10,11 @@ import torch
 from kvla.engine.history import POOLED, HistoryError
 from kvla.history_policy import HistoryVLAPolicy
 from kvla.methods.kv_efficient import KVEfficient, KVEfficientModules, KVEfficientModulesConfig, pooling_matrix
-from kvla.model.history import HistoryConfig, HistoryLayout, save_history_config
+from kvla.model.history import HistoryConfig, HistoryLayout
 from kvla.model.vla import VLAModel
 from kvla.testbed.train_kv_efficient import compressed_sequence_logits
+
+from conftest import make_history_checkpoint
 
 FRAMES = 11
 
@@ -140,23 +142,6 @@ def test_kv_efficient_state_resets_per_episode(tmp_path):
         policy.step(images[:2], text.expand(2, -1), proprio[:2])
 
 
-def _history_checkpoint(directory):
-    from kvla.model.reference import InstructionTokenizer, reference_config
-    from kvla.testbed.sim import CAMERA, TASKS, WRIST_CAMERA
-    from kvla.testbed.train import save_observation_spec
-
-    tokenizer = InstructionTokenizer.from_instructions(list(TASKS.values()))
-    torch.manual_seed(0)
-    model = VLAModel(reference_config(tokenizer, parallel=True, action_chunk=4, num_layers=2, num_cameras=2,
-                                      image_size=32, patch_size=8, vision_dim=32, vision_layers=1, vision_heads=2,
-                                      vision_mlp=64, hidden_size=64, intermediate_size=128, num_heads=4,
-                                      num_kv_heads=4))
-    model.save_pretrained(directory)
-    tokenizer.save(directory)
-    save_observation_spec(directory, (CAMERA, WRIST_CAMERA), 32)
-    save_history_config(directory, HistoryConfig(frame_stride=4, max_frames=50))
-
-
 def _demo_file(path, length=44):
     h5py = pytest.importorskip("h5py")
     from kvla.testbed.data import CAMERA_KEYS
@@ -184,7 +169,7 @@ def test_training_resumes_exactly_and_its_lora_merges_into_the_policy(tmp_path):
     from kvla.testbed.train_kv_efficient import KVEfficientTrainConfig, train_kv_efficient
 
     checkpoint, data = tmp_path / "history-vla", tmp_path / "demos.hdf5"
-    _history_checkpoint(checkpoint)
+    make_history_checkpoint(checkpoint)
     _demo_file(data)
     method = "kv_efficient:recent_frames=2:keep_threshold=0.0"
     config = dict(data=(str(data),), checkpoint=str(checkpoint), method=method, summary_width=8, gate_width=8,

@@ -435,12 +435,13 @@ def eval_command(
     table = Table(title=f"kvla eval - {checkpoint}, {episodes} held-out episodes per task (seeds {seed_start}..), "
                         f"paired across methods")
     for column in ("task", "method", "success", "95 % CI", "vs full", "95 % CI (paired)", "step ms", "speed-up",
-                   "reuse", "MFLOPs/step"):
+                   "reuse", "MFLOPs/step", "KV MiB"):
         table.add_column(column, justify="left" if column in ("task", "method") else "right")
     for s in summaries:
         table.add_row(s.task, s.method, f"{s.success_rate:.1%}", f"{s.success_ci[0]:.0%}-{s.success_ci[1]:.0%}",
                       f"{s.delta_vs_full:+.1%}", f"{s.delta_ci[0]:+.1%}..{s.delta_ci[1]:+.1%}", f"{s.step_ms:.1f}",
-                      f"{s.speedup_step:.2f}x", f"{s.reuse_ratio:.1%}", f"{s.flops / 1e6:.0f}")
+                      f"{s.speedup_step:.2f}x", f"{s.reuse_ratio:.1%}", f"{s.flops / 1e6:.0f}",
+                      f"{s.kv_bytes / 2**20:.2f}")
     console.print(table)
     parts = Table(title="policy step by part, all tasks: medians over every step (ms)")
     for column in ("method", "vision", "select", "prefill", "decode", "step", "prefill share"):

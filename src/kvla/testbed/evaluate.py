@@ -196,6 +196,7 @@ class MethodSummary:
     speedup_step: float  # median over episodes of (full's median step ms / this method's)
     reuse_ratio: float
     flops: float  # mean per step
+    kv_bytes: float  # median over steps of the KV cache held after the step
 
 
 def summarise(results: list[list[EpisodeOutcome]], labels: list[str]) -> list[MethodSummary]:
@@ -220,6 +221,7 @@ def summarise(results: list[list[EpisodeOutcome]], labels: list[str]) -> list[Me
                 speedup_step=statistics.median(ratios),
                 reuse_ratio=statistics.fmean([r for o in outcomes for r in o.reuse]),
                 flops=statistics.fmean([f for o in outcomes for f in o.flops]),
+                kv_bytes=statistics.median([b for o in outcomes for b in o.kv_bytes] or [math.nan]),
             ))
     return summaries
 
