@@ -32,3 +32,22 @@ def test_bench_latency_rejects_unknown_method_and_dtype():
     assert bad.exit_code != 0 and "unknown method 'magic'" in bad.output
     bad = runner.invoke(app, ["bench", "latency", "--preset", "tiny", "--dtype", "float8"])
     assert bad.exit_code != 0 and "dtype must be one of" in bad.output
+
+
+def test_eval_refuses_methods_of_the_other_kind(tmp_path):
+    from conftest import make_history_checkpoint
+
+    def said(result):  # the error box wraps its lines
+        return " ".join(result.output.replace("│", " ").split())
+
+    runner = CliRunner()
+    single = runner.invoke(app, ["eval", "--checkpoint", "checkpoints/reference-vla-v2", "--methods", "history_full",
+                                 "--episodes", "1", "--no-progress"])
+    assert single.exit_code != 0 and "single-frame VLA" in said(single)
+    make_history_checkpoint(tmp_path)
+    history = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path), "--methods", "vla_cache", "--episodes", "1",
+                                  "--no-progress"])
+    assert history.exit_code != 0 and "history VLA" in said(history)
+    tasks = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path), "--methods", "no_history", "--tasks", "reach-v9",
+                                "--no-progress"])
+    assert tasks.exit_code != 0 and "unknown task" in said(tasks)

@@ -417,6 +417,11 @@ def eval_command(
             parse_method(spec)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--methods") from None
+    history = evaluate.reference_method(checkpoint) == "history_full"
+    wrong = [spec for spec in specs if (getattr(parse_method(spec), "kind", "") == "history") != history]
+    if wrong:
+        kind = "a history VLA: it takes history methods" if history else "a single-frame VLA: it takes reuse methods"
+        raise typer.BadParameter(f"{checkpoint} is {kind}, not {', '.join(wrong)}", param_hint="--methods")
     specs = list(dict.fromkeys([evaluate.reference_method(checkpoint), *specs]))
     try:
         task_list = parse_tasks(tasks)
