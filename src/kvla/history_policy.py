@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +14,7 @@ from kvla.model.history import (
     HistoryConfig, HistoryLayout, block_kinds, frame_embeddings, query_embeddings,
 )
 from kvla.model.vla import VLAModel
+from kvla.policy import synchronized_clock
 
 
 @dataclass
@@ -67,9 +67,7 @@ class HistoryVLAPolicy:
         self.state.reset()
 
     def _sync(self) -> float:
-        if self.engine.device.type == "cuda":
-            torch.cuda.synchronize(self.engine.device)
-        return time.perf_counter()
+        return synchronized_clock(self.engine.device)
 
     @torch.no_grad()
     def step(self, images: torch.Tensor, text_ids: torch.Tensor, proprio: torch.Tensor) -> HistoryStepOutput:

@@ -13,6 +13,13 @@ from kvla.model.vla import VLAModel
 from kvla.engine.state import EpisodeState
 
 
+def synchronized_clock(device: torch.device) -> float:
+    """perf_counter once the device has finished its queued work (a GPU runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @dataclass
 class StepOutput:
     action_tokens: torch.Tensor  # [B, action_dim]
@@ -53,9 +60,7 @@ class CachedVLAPolicy:
         self.state.reset()
 
     def _sync(self) -> float:
-        if self.engine.device.type == "cuda":
-            torch.cuda.synchronize(self.engine.device)
-        return time.perf_counter()
+        return synchronized_clock(self.engine.device)
 
     @torch.no_grad()
     def step(self, images: torch.Tensor, text_ids: torch.Tensor, proprio: torch.Tensor | None = None) -> StepOutput:
