@@ -212,3 +212,18 @@ def test_training_resumes_exactly_and_its_lora_merges_into_the_policy(tmp_path):
                                                      KVEfficientModules.load(modules_dir), policy.method, images,
                                                      proprio, text, hard=True)
     assert (stepped - reference).abs().max() < 1e-3
+
+
+def test_a_fresh_gate_starts_at_its_initial_keep_and_refuses_an_impossible_one():
+    from kvla.methods.kv_efficient import KVEfficientModulesConfig
+    from kvla.testbed.train_kv_efficient import fresh_modules
+
+    config = KVEfficientModulesConfig(kv_width=16, summary_width=8, gate_width=8)
+    modules = fresh_modules(config, 0.9)
+    with torch.no_grad():
+        modules.utility.weight.zero_()  # leave only the bias: the utility is then exactly initial_keep
+        logits, _ = modules.chunk_logits(torch.randn(1, 5, 16))
+    assert torch.allclose(torch.sigmoid(logits), torch.full((1, 5), 0.9))
+    for impossible in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="initial_keep"):
+            fresh_modules(config, impossible)

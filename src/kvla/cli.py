@@ -348,7 +348,8 @@ def train_kv_efficient_command(
     summary_width: int = typer.Option(64),
     gate_width: int = typer.Option(128, help="LSTM width (the authors' proof of concept: 128)."),
     lora_rank: int = typer.Option(8, help="LoRA rank of the decoder's q/v compensation (0: none)."),
-    memory_weight: float = typer.Option(0.2, help="lambda of the memory penalty (mean utility of the decided chunks)."),
+    memory_weight: float = typer.Option(0.05, help="lambda of the memory penalty (mean utility of the decided chunks)."),
+    initial_keep: float = typer.Option(0.9, help="The gate's utility at the start (its head's bias), in (0, 1)."),
     temperature: float = typer.Option(0.5, help="Binary-concrete temperature of the keep relaxation."),
     episodes_per_task: int = typer.Option(40, help="Training episodes per task."),
     lr: float = typer.Option(5e-4),
@@ -380,7 +381,7 @@ def train_kv_efficient_command(
         torch.set_num_threads(threads)
     cfg = KVEfficientTrainConfig(data=paths, out=str(out), checkpoint=str(checkpoint), method=method,
                                  summary_width=summary_width, gate_width=gate_width, lora_rank=lora_rank,
-                                 memory_weight=memory_weight, temperature=temperature,
+                                 memory_weight=memory_weight, initial_keep=initial_keep, temperature=temperature,
                                  episodes_per_task=episodes_per_task, lr=lr, max_steps=max_steps,
                                  max_minutes=max_minutes, val_every=val_every, mixed_precision=mixed_precision,
                                  seed=seed)

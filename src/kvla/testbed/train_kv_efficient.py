@@ -134,7 +134,10 @@ class KVEfficientTrainConfig:
     gate_width: int = 128
     lora_rank: int = 8  # 0: no LoRA compensation
     lora_alpha: int = 16
-    memory_weight: float = 0.2  # lambda of the memory penalty
+    memory_weight: float = 0.05  # lambda of the memory penalty
+    # The gate starts out keeping (utility 0.9) so the LoRA learns to read pooled chunks before the
+    # penalty can teach dropping; started at 0.5 with lambda 0.2 it dropped every chunk by step 50.
+    initial_keep: float = 0.9
     temperature: float = 0.5
     episodes_per_task: int = 40  # training episodes per task, from the history VLA's training split
     episodes_per_step: int = 2
@@ -146,6 +149,16 @@ class KVEfficientTrainConfig:
     log_every: int = 10
     mixed_precision: str = "auto"
     seed: int = 0
+
+
+def fresh_modules(config: KVEfficientModulesConfig, initial_keep: float) -> KVEfficientModules:
+    """Untrained gate modules whose utility head starts at `initial_keep` (its bias)."""
+    if not 0.0 < initial_keep < 1.0:
+        raise ValueError(f"initial_keep must be in (0, 1), got {initial_keep}")
+    modules = KVEfficientModules(config)
+    with torch.no_grad():
+        modules.utility.bias.fill_(math.log(initial_keep / (1.0 - initial_keep)))
+    return modules
 
 
 def _lora(language_model, rank: int, alpha: int):
@@ -223,8 +236,8 @@ def train_kv_efficient(cfg: KVEfficientTrainConfig, resume: bool = False, progre
         model.config.hidden_size // model.config.num_heads)
     state_path = out / "training_state.pt"
     resuming = resume and state_path.exists()
-    modules = KVEfficientModules.load(out / "checkpoint") if resuming else KVEfficientModules(
-        KVEfficientModulesConfig(kv_width, cfg.summary_width, cfg.gate_width))
+    modules = KVEfficientModules.load(out / "checkpoint") if resuming else fresh_modules(
+        KVEfficientModulesConfig(kv_width, cfg.summary_width, cfg.gate_width), cfg.initial_keep)
     if resuming and modules.config != KVEfficientModulesConfig(kv_width, cfg.summary_width, cfg.gate_width):
         raise ValueError(f"{out / 'checkpoint'} holds modules of another shape ({modules.config}); use another --out")
     modules.train()
