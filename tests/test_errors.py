@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the problem."""
 
+import re
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -131,3 +133,65 @@ def test_pruning_plan_that_reuses_reports_its_reuse(engine):
     # still complete, and as old as before
     assert state.kv_complete.all()
     assert state.source_step.tolist() == (result.visual_depth == 3).long().tolist()
+
+
+def _proprio_model():
+    return VLAModel.from_preset("tiny", seed=0, proprio_dim=4)
+
+
+def _good_inputs(model, batch=2):
+    config = model.config
+    images = torch.zeros(batch, config.num_cameras, config.image_size, config.image_size, 3, dtype=torch.uint8)
+    return images, torch.ones(batch, config.num_text_tokens, dtype=torch.long), torch.zeros(batch, config.proprio_dim)
+
+
+BAD_INPUTS = {
+    # name: (field, message fragment, how the good inputs are spoilt)
+    "images as a list": ("images", "must be a torch.Tensor", lambda i, t, p: (i.tolist(), t, p)),
+    "float images": ("images", "must be uint8", lambda i, t, p: (i.float(), t, p)),
+    "an empty batch": ("images", "the batch is empty", lambda i, t, p: (i[:0], t[:0], p[:0])),
+    "a zero-sized image": ("images", "zero-sized image", lambda i, t, p: (i[:, :, :0], t, p)),
+    "text ids as numpy": ("text_ids", "must be a torch.Tensor", lambda i, t, p: (i, t.numpy(), p)),
+    "float text ids": ("text_ids", "integer tensor", lambda i, t, p: (i, t.float(), p)),
+    "text ids of the wrong length": ("text_ids", "text_ids must be", lambda i, t, p: (i, t[:, :-1], p)),
+    "a text id past the vocabulary": ("text_ids", "outside the vocabulary [0, 512)",
+                                      lambda i, t, p: (i, t.index_fill(1, torch.tensor([2]), 512), p)),
+    "a negative text id": ("text_ids", "id -1 is outside", lambda i, t, p: (i, t.index_fill(1, torch.tensor([0]), -1), p)),
+    "text ids of another batch": ("text_ids", "batch=2", lambda i, t, p: (i, t[:1], p)),
+    "no proprio": ("proprio", "needs proprio", lambda i, t, p: (i, t, None)),
+    "integer proprio": ("proprio", "floating-point", lambda i, t, p: (i, t, p.long())),
+    "NaN proprio": ("proprio", "holds nan at [1, 2]",
+                    lambda i, t, p: (i, t, p.index_put((torch.tensor([1]), torch.tensor([2])), torch.tensor(float("nan"))))),
+    "infinite proprio": ("proprio", "holds inf at [0, 0]",
+                         lambda i, t, p: (i, t, p.index_put((torch.tensor([0]), torch.tensor([0])), torch.tensor(float("inf"))))),
+    "proprio of the wrong width": ("proprio", "must be [batch=2, 4]", lambda i, t, p: (i, t, p[:, :3])),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_a_step_refuses_bad_input_naming_the_field_and_leaves_the_episode_untouched(case):
+    from kvla.model.inputs import InputError
+
+    field, fragment, spoil = BAD_INPUTS[case]
+    model = _proprio_model()
+    policy = CachedVLAPolicy(model, "vla_cache")
+    good = _good_inputs(model)
+    policy.step(*good)
+    before = policy.state.step
+    with pytest.raises(InputError, match=re.escape(fragment)) as error:
+        policy.step(*spoil(*good))
+    assert error.value.field == field
+    assert policy.state.step == before  # nothing of the bad step reached the episode
+    policy.step(*good)  # and the episode goes on
+    assert policy.state.step == before + 1
+
+
+def test_a_model_without_proprio_refuses_proprio():
+    from kvla.model.inputs import InputError
+
+    model = VLAModel.from_preset("tiny")
+    images = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    with pytest.raises(InputError, match="takes no proprio"):
+        CachedVLAPolicy(model, "full").step(images, torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 4))
+    with pytest.raises(TypeError, match="observation must be a dict"):
+        CachedVLAPolicy(model, "full").select_action([images])

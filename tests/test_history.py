@@ -224,3 +224,20 @@ def test_history_closed_loop_in_the_simulator(tmp_path):
     assert full.attention_flops[2] > full.attention_flops[1] > full.attention_flops[0] == none.attention_flops[2]
     summaries = evaluate.summarise(results, [o.method for o in results[0]])
     assert [s.method for s in summaries if s.task == "all"] == ["history_full", "no_history", "history_window:frames=1"]
+
+
+def test_a_history_step_refuses_bad_input_before_it_enters_the_cache():
+    from kvla.model.inputs import InputError
+
+    model = VLAModel.from_preset("tiny", seed=0, proprio_dim=4, parallel_actions=True, action_chunk=2,
+                                 num_cameras=2).float()
+    policy = HistoryVLAPolicy(model, HistoryConfig(frame_stride=2), "history_full")
+    images = torch.zeros(1, 2, 32, 32, 3, dtype=torch.uint8)
+    text = torch.ones(1, model.config.num_text_tokens, dtype=torch.long)
+    policy.step(images, text, torch.zeros(1, 4))
+    entries = policy.state.num_entries
+    with pytest.raises(InputError, match=r"proprio: holds nan at \[0, 1\]"):
+        policy.step(images, text, torch.tensor([[0.0, float("nan"), 0.0, 0.0]]))
+    with pytest.raises(InputError, match=r"text_ids: id 99999 is outside the vocabulary"):
+        policy.step(images, text.index_fill(1, torch.tensor([0]), 99999), torch.zeros(1, 4))
+    assert policy.state.num_entries == entries and policy.state.step == 1

@@ -13,6 +13,7 @@ from kvla.methods.history_base import HistoryContext, HistoryMethod
 from kvla.model.history import (
     HistoryConfig, HistoryLayout, block_kinds, frame_embeddings, query_embeddings,
 )
+from kvla.model.inputs import check_step_inputs
 from kvla.model.vla import VLAModel
 from kvla.policy import synchronized_clock
 
@@ -72,6 +73,7 @@ class HistoryVLAPolicy:
     @torch.no_grad()
     def step(self, images: torch.Tensor, text_ids: torch.Tensor, proprio: torch.Tensor) -> HistoryStepOutput:
         model, engine, layout, state = self.model, self.engine, self.layout, self.state
+        check_step_inputs(model.config, images, text_ids, proprio)
         start = self._sync()
         frame = frame_embeddings(model, model.policy_images(images), proprio)
         batch = frame.shape[0]

@@ -9,6 +9,7 @@ import torch
 
 from kvla.engine.prefill import PartialPrefillEngine
 from kvla.methods import PlanContext, ReuseMethod, parse_method
+from kvla.model.inputs import check_step_inputs
 from kvla.model.vla import VLAModel
 from kvla.engine.state import EpisodeState
 
@@ -65,6 +66,7 @@ class CachedVLAPolicy:
     @torch.no_grad()
     def step(self, images: torch.Tensor, text_ids: torch.Tensor, proprio: torch.Tensor | None = None) -> StepOutput:
         model, engine, layout = self.model, self.engine, self.model.layout
+        check_step_inputs(model.config, images, text_ids, proprio)
         start = self._sync()
         policy_images = model.policy_images(images)
         embeds = model.prompt_embeddings(model.encode_images(policy_images), text_ids, proprio)
@@ -92,6 +94,8 @@ class CachedVLAPolicy:
     def select_action(self, observation: dict) -> torch.Tensor:
         """LeRobot-style: observation {"images": uint8 frames, "text_ids": [B, T], optional "proprio"}
         -> actions [B, action_dim * action_chunk]."""
+        if not isinstance(observation, dict):
+            raise TypeError(f"observation must be a dict with 'images' and 'text_ids', got {type(observation).__name__}")
         for key in ("images", "text_ids"):
             if key not in observation:
                 raise KeyError(f"observation has no {key!r}; it needs 'images' and 'text_ids'")

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvla.engine.layout import TokenLayout
+from kvla.model.inputs import ImageError
 
 ACTION_BINS = 256
 BOS_TOKEN_ID = 1
@@ -25,10 +26,6 @@ _FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     "gemma": (GemmaConfig, GemmaForCausalLM),
 }
-
-
-class ImageError(ValueError):
-    """An image the model cannot take."""
 
 
 @dataclass(frozen=True)
