@@ -389,6 +389,50 @@ def train_kv_efficient_command(
     console.print(f"final: {json.dumps(metrics)}")
 
 
+@app.command("serve")
+def serve_command(
+    checkpoint: Path = typer.Option(Path("checkpoints/reference-vla-v2"), help="A trained reference or history VLA."),
+    method: str = typer.Option("full", help="The method and its settings (name:key=value)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000),
+    api_key_file: Path = typer.Option(None, help="A file holding the API key clients must send "
+                                                "(Authorization: Api-Key <key>)."),
+    max_sessions: int = typer.Option(64, help="Robots connected at once; more are refused with 503."),
+    idle_timeout: float = typer.Option(300.0, help="Seconds without a request before a robot is disconnected."),
+    max_message_mib: float = typer.Option(16.0, help="Largest message accepted."),
+    max_image_side: int = typer.Option(1024, help="Largest camera frame side accepted."),
+    threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
+):
+    """A policy server in openpi's protocol: robot code using openpi-client talks to it unchanged."""
+    import logging
+
+    from kvla.serve.server import ServeSettings, build_server, run_until_signalled
+
+    if not (checkpoint / "config.json").exists():
+        raise typer.BadParameter(f"{checkpoint} is not a checkpoint directory (no config.json)", param_hint="--checkpoint")
+    try:
+        parse_method(method)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--method") from None
+    api_key = None
+    if api_key_file is not None:
+        if not api_key_file.is_file():
+            raise typer.BadParameter(f"{api_key_file} is not a file", param_hint="--api-key-file")
+        api_key = api_key_file.read_text().strip()
+        if not api_key:
+            raise typer.BadParameter(f"{api_key_file} is empty", param_hint="--api-key-file")
+    if threads:
+        torch.set_num_threads(threads)
+    settings = ServeSettings(host=host, port=port, api_key=api_key, max_sessions=max_sessions,
+                             idle_timeout_s=idle_timeout, max_message_bytes=int(max_message_mib * (1 << 20)))
+    try:
+        server = build_server(checkpoint, method, settings, max_image_side=max_image_side)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--method") from None
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    run_until_signalled(server)
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: Path = typer.Option(Path("checkpoints/reference-vla"), help="A trained reference VLA."),

@@ -1,0 +1,291 @@
+"""`kvla serve` over loopback: openpi's framing, one episode per connection, robots kept apart,
+bad input refused without harm to anyone, the API key, /healthz and a graceful shutdown."""
+
+import asyncio
+import threading
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
+
+from kvla.model.reference import InstructionTokenizer
+from kvla.model.vla import VLAModel
+from kvla.policy import CachedVLAPolicy
+from kvla.serve.protocol import pack, unpack
+from kvla.serve.schema import ObservationSchema
+from kvla.serve.server import PolicyServer, ServeSettings
+
+CAMERAS = ("corner2", "gripperPOV")
+INSTRUCTIONS = ["push the puck to the goal", "open the drawer"]
+
+
+class RunningServer:
+    """A PolicyServer on an ephemeral loopback port, in a thread with its own event loop."""
+
+    def __init__(self, policy, schema, **settings):
+        self.server = PolicyServer(policy, schema, {"server": "kvla-test"}, ServeSettings(port=0, **settings))
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30), "the server did not start"
+        self.uri = f"ws://127.0.0.1:{self.server.port}"
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        self.stop_event, started = asyncio.Event(), asyncio.Event()
+
+        async def main():
+            task = asyncio.create_task(self.server.serve(self.stop_event, started))
+            await started.wait()
+            self.ready.set()
+            await task
+
+        self.loop.run_until_complete(main())
+
+    def stop(self):
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+def _model_and_schema(tokenizer):
+    model = VLAModel.from_preset("tiny", seed=0, proprio_dim=4, num_cameras=2,
+                                 vocab_size=tokenizer.text_vocab_size + 256, num_text_tokens=tokenizer.max_length)
+    return model, ObservationSchema(model.config, CAMERAS, tokenizer, max_image_side=64)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return InstructionTokenizer.from_instructions(INSTRUCTIONS)
+
+
+@pytest.fixture
+def running(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    server = RunningServer(CachedVLAPolicy(model, "vla_cache"), schema)
+    yield server, model
+    server.stop()
+
+
+def _frames(seed, steps):
+    """A scene per seed whose frames change a little from step to step."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (2, 32, 32, 3))
+    frames = []
+    for _ in range(steps):
+        base = np.clip(base + rng.integers(-3, 4, base.shape), 0, 255)
+        frames.append(base.astype(np.uint8))
+    return frames, rng.standard_normal((steps, 4))
+
+
+def _observation(frame, proprio, prompt=INSTRUCTIONS[0], **extra):
+    return {"images": {c: frame[i] for i, c in enumerate(CAMERAS)}, "prompt": prompt, "proprio": proprio, **extra}
+
+
+def test_two_interleaved_robots_get_what_two_separate_policies_give(running, tokenizer):
+    server, model = running
+    scenes = {robot: _frames(seed=robot, steps=4) for robot in (0, 1)}
+    prompts = {0: INSTRUCTIONS[0], 1: INSTRUCTIONS[1]}
+    served = {0: [], 1: []}
+    with connect(server.uri, compression=None, max_size=None) as robot0, \
+            connect(server.uri, compression=None, max_size=None) as robot1:
+        metadata = unpack(robot0.recv())
+        unpack(robot1.recv())
+        assert metadata["observation"]["images"]["cameras"] == list(CAMERAS)
+        for step in range(4):
+            for robot, socket in ((0, robot0), (1, robot1)):
+                frames, proprio = scenes[robot]
+                socket.send(pack(_observation(frames[step], proprio[step], prompts[robot])))
+                response = unpack(socket.recv())
+                assert response["actions"].shape == (model.config.action_chunk, model.config.action_dim)
+                assert response["episode_step"] == step
+                served[robot].append(response["action_tokens"])
+    for robot in (0, 1):
+        alone = CachedVLAPolicy(model, "vla_cache")
+        frames, proprio = scenes[robot]
+        for step in range(4):
+            out = alone.step(torch.from_numpy(frames[step])[None], tokenizer.encode_batch([prompts[robot]]),
+                             torch.from_numpy(proprio[step]).float()[None])
+            np.testing.assert_array_equal(served[robot][step], out.action_tokens[0].numpy())
+
+
+def test_reset_starts_a_new_episode_on_the_open_connection(running):
+    server, _ = running
+    frames, proprio = _frames(seed=3, steps=3)
+    with connect(server.uri, compression=None, max_size=None) as robot:
+        unpack(robot.recv())
+        first = []
+        for step in range(2):
+            robot.send(pack(_observation(frames[step], proprio[step])))
+            first.append(unpack(robot.recv()))
+        robot.send(pack(_observation(frames[0], proprio[0], reset=True)))
+        again = unpack(robot.recv())
+    assert again["episode_step"] == 0
+    np.testing.assert_array_equal(again["action_tokens"], first[0]["action_tokens"])
+
+
+def test_bad_input_is_refused_by_name_and_harms_no_one(running):
+    server, _ = running
+    frames, proprio = _frames(seed=4, steps=2)
+    with connect(server.uri, compression=None, max_size=None) as robot, \
+            connect(server.uri, compression=None, max_size=None) as other:
+        unpack(robot.recv())
+        unpack(other.recv())
+        robot.send(pack(_observation(frames[0], np.array([0.0, np.nan, 0.0, 0.0]))))
+        refusal = robot.recv()
+        assert isinstance(refusal, str) and "proprio: holds nan" in refusal
+        robot.send(pack(_observation(frames[0], proprio[0])))  # the same connection goes on
+        assert unpack(robot.recv())["episode_step"] == 0
+        robot.send(pack(_observation(frames[1], proprio[1]))[:-5])  # truncated
+        assert "malformed message" in robot.recv()
+        with pytest.raises(ConnectionClosed) as closed:
+            robot.recv()
+        assert closed.value.rcvd.code == 1007
+        other.send(pack(_observation(frames[0], proprio[0])))  # the other robot is unharmed
+        assert unpack(other.recv())["episode_step"] == 0
+        other.send("a text frame")
+        assert "text frame" in other.recv()
+    assert _wait_for(lambda: not server.server.sessions)
+
+
+def _wait_for(condition, seconds=10.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_health_sessions_and_the_session_limit(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    server = RunningServer(CachedVLAPolicy(model, "full"), schema, max_sessions=1)
+    try:
+        health = urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10).read()
+        assert b'"status": "ok"' in health
+        with connect(server.uri) as robot:
+            unpack(robot.recv())
+            with pytest.raises(InvalidStatus) as refused:
+                connect(server.uri)
+            assert refused.value.response.status_code == 503
+        assert _wait_for(lambda: not server.server.sessions)  # a closed connection frees its session
+        with connect(server.uri) as robot:
+            assert "observation" in unpack(robot.recv())
+    finally:
+        server.stop()
+
+
+def test_the_api_key(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    server = RunningServer(CachedVLAPolicy(model, "full"), schema, api_key="s3cret")
+    try:
+        for headers in ({}, {"Authorization": "Api-Key wrong"}):
+            with pytest.raises(InvalidStatus) as refused:
+                connect(server.uri, additional_headers=headers)
+            assert refused.value.response.status_code == 401
+        with connect(server.uri, additional_headers={"Authorization": "Api-Key s3cret"}) as robot:
+            assert "observation" in unpack(robot.recv())
+        urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10)  # health needs no key
+    finally:
+        server.stop()
+
+
+def test_an_idle_robot_is_disconnected_and_its_session_freed(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    server = RunningServer(CachedVLAPolicy(model, "full"), schema, idle_timeout_s=0.3)
+    try:
+        with connect(server.uri) as robot:
+            unpack(robot.recv())
+            with pytest.raises(ConnectionClosed) as closed:
+                robot.recv(timeout=10)
+            assert closed.value.rcvd.reason == "idle timeout"
+        assert _wait_for(lambda: not server.server.sessions)
+    finally:
+        server.stop()
+
+
+def test_shutdown_answers_the_step_in_flight(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    policy = CachedVLAPolicy(model, "full")
+    entered, release = threading.Event(), threading.Event()
+    step = policy.step
+
+    def slow_step(*args):
+        entered.set()
+        release.wait(10)
+        return step(*args)
+
+    policy.step = slow_step
+    server = RunningServer(policy, schema)
+    frames, proprio = _frames(seed=5, steps=1)
+    with connect(server.uri) as robot:
+        unpack(robot.recv())
+        robot.send(pack(_observation(frames[0], proprio[0])))
+        assert entered.wait(10)
+        server.loop.call_soon_threadsafe(server.stop_event.set)
+        assert _wait_for(lambda: server.server.draining)
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10)
+        assert health.value.code == 503
+        release.set()
+        assert unpack(robot.recv())["episode_step"] == 0  # the step in flight is answered
+    server.thread.join(30)
+    assert not server.thread.is_alive()
+
+
+def test_kvla_serve_runs_a_history_vla_and_stops_on_sigterm(tmp_path):
+    """The command as a robot meets it: a history VLA's episode through the server, an instruction
+    changed mid-episode refused with the way out, and a clean exit on SIGTERM."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from conftest import make_history_checkpoint
+    from kvla.testbed.sim import TASKS
+
+    make_history_checkpoint(tmp_path)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-c", "from kvla.cli import app; app()", "serve", "--checkpoint", str(tmp_path), "--method", "history_full",
+               "--port", str(port), "--threads", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2)
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, process.stdout.read() if process.poll() is not None else "no /healthz"
+                time.sleep(0.2)
+        frame = np.zeros((32, 32, 3), np.uint8)
+        with connect(f"ws://127.0.0.1:{port}", compression=None, max_size=None) as robot:
+            metadata = unpack(robot.recv())
+            assert metadata["method"] == "history_full"
+            observation = {"images": {c: frame for c in metadata["observation"]["images"]["cameras"]},
+                           "prompt": TASKS["push-v3"], "proprio": np.zeros(4)}
+            for step in range(2):
+                robot.send(pack(observation))
+                assert unpack(robot.recv())["episode_step"] == step
+            robot.send(pack({**observation, "prompt": TASKS["reach-v3"]}))
+            refusal = robot.recv()
+            assert "instruction changed" in refusal and "reset=True" in refusal
+            robot.send(pack({**observation, "prompt": TASKS["reach-v3"], "reset": True}))
+            assert unpack(robot.recv())["episode_step"] == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
