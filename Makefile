@@ -28,8 +28,16 @@ $(COMPAT_VENV)/.installed: pyproject.toml
 	$(COMPAT_VENV)/bin/pip install -q -e ".[test]" "transformers==$(COMPAT_TRANSFORMERS)"
 	touch $@
 
+# The real openpi-client, as robots run it, in its own venv (it pins numpy < 2; typing_extensions and
+# packaging are imported but not declared by it and gymnasium): tests/test_openpi_client.py drives kvla serve with it.
+OPENPI_VENV ?= .venv-openpi
+$(OPENPI_VENV)/.installed:
+	$(PYTHON) -m venv $(OPENPI_VENV)
+	$(OPENPI_VENV)/bin/pip install -q openpi-client==0.1.2 typing_extensions packaging metaworld==3.1.1
+	touch $@
+
 # The whole suite on the newest transformers, then the engine's tests on the oldest supported one.
-test: $(VENV)/.installed $(COMPAT_VENV)/.installed
+test: $(VENV)/.installed $(COMPAT_VENV)/.installed $(OPENPI_VENV)/.installed
 	$(VENV)/bin/python -m pytest
 	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_errors.py tests/test_flops.py tests/test_history.py tests/test_kv_efficient.py
 
@@ -48,4 +56,4 @@ bench: $(VENV)/.installed
 		--json runs/bench_latency.json
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) runs
+	rm -rf $(VENV) $(COMPAT_VENV) $(OPENPI_VENV) runs

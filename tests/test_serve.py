@@ -1,7 +1,6 @@
 """`kvla serve` over loopback: openpi's framing, one episode per connection, robots kept apart,
 bad input refused without harm to anyone, the API key, /healthz and a graceful shutdown."""
 
-import asyncio
 import threading
 import urllib.error
 import urllib.request
@@ -19,38 +18,14 @@ from kvla.serve.protocol import pack, unpack
 from kvla.serve.schema import ObservationSchema
 from kvla.serve.server import PolicyServer, ServeSettings
 
+from conftest import RunningPolicyServer
+
 CAMERAS = ("corner2", "gripperPOV")
 INSTRUCTIONS = ["push the puck to the goal", "open the drawer"]
 
 
-class RunningServer:
-    """A PolicyServer on an ephemeral loopback port, in a thread with its own event loop."""
-
-    def __init__(self, policy, schema, **settings):
-        self.server = PolicyServer(policy, schema, {"server": "kvla-test"}, ServeSettings(port=0, **settings))
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(30), "the server did not start"
-        self.uri = f"ws://127.0.0.1:{self.server.port}"
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.stop_event, started = asyncio.Event(), asyncio.Event()
-
-        async def main():
-            task = asyncio.create_task(self.server.serve(self.stop_event, started))
-            await started.wait()
-            self.ready.set()
-            await task
-
-        self.loop.run_until_complete(main())
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.thread.join(30)
-        assert not self.thread.is_alive()
+def RunningServer(policy, schema, **settings):
+    return RunningPolicyServer(PolicyServer(policy, schema, {"server": "kvla-test"}, ServeSettings(port=0, **settings)))
 
 
 def _model_and_schema(tokenizer):

@@ -226,7 +226,10 @@ def build_server(checkpoint, method: str, settings: ServeSettings, max_image_sid
                 "method": policy.method.name, "method_settings": dataclasses.asdict(policy.method),
                 "model": dataclasses.asdict(model.config),
                 "action": {"shape": [model.config.action_chunk, model.config.action_dim], "dtype": "float32",
-                           "range": [-1.0, 1.0]}}
+                           "range": [-1.0, 1.0]},
+                # a history VLA sees a frame every frame_stride env steps: execute that many actions of a chunk
+                "actions_per_observation": getattr(getattr(policy, "history", None), "frame_stride",
+                                                   model.config.action_chunk)}
     return PolicyServer(policy, schema, metadata, settings)
 
 
