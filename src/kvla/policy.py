@@ -91,6 +91,70 @@ class CachedVLAPolicy:
             statistic_rows=result.statistic_rows, visual_depth=result.visual_depth, notes=plan.notes,
         )
 
+    @torch.no_grad()
+    def step_episodes(self, states: list[EpisodeState], images: torch.Tensor, text_ids: torch.Tensor,
+                      proprio: torch.Tensor | None = None) -> list[StepOutput]:
+        """One control step of several robots at once: sample i continues the single-sample episode
+        `states[i]` (not self.state). Vision runs batched; each episode plans on its own state; the
+        episodes whose plans collect the same statistics share one prefill. Each sample's actions
+        are what `step` gives on its own state (tests/test_serve_batching.py)."""
+        from kvla.engine.episodes import gather_episodes, scatter_episodes
+        from kvla.engine.plan import ReusePlan
+
+        model, engine, layout = self.model, self.engine, self.model.layout
+        check_step_inputs(model.config, images, text_ids, proprio)
+        if len(states) != images.shape[0] or len({id(s) for s in states}) != len(states):
+            raise ValueError(f"step_episodes needs one distinct episode state per sample: {len(states)} states "
+                             f"for a batch of {images.shape[0]}")
+        start = self._sync()
+        policy_images = model.policy_images(images)
+        embeds = model.prompt_embeddings(model.encode_images(policy_images), text_ids, proprio)
+        after_vision = self._sync()
+        patches = model.image_patches(policy_images).to(engine.device)
+        visual = embeds[:, layout.visual_positions.to(embeds.device)]
+        plans = [self.method.plan(PlanContext(patches=patches[i:i + 1], state=state, layout=layout,
+                                              num_layers=engine.num_layers, visual_embeddings=visual[i:i + 1]))
+                 for i, state in enumerate(states)]
+        after_select = self._sync()
+        groups: dict[tuple, list[int]] = {}
+        for i, plan in enumerate(plans):  # the engine applies these to a whole batch
+            key = (plan.relevance_layers, plan.collect_entropy, plan.prune_after_layer, plan.prune_ratio)
+            groups.setdefault(key, []).append(i)
+        outputs: list[StepOutput | None] = [None] * len(states)
+        prefill_ms = decode_ms = 0.0
+        for (relevance_layers, collect_entropy, prune_after_layer, prune_ratio), members in groups.items():
+            index = torch.tensor(members, device=embeds.device)
+            group_states = [states[i] for i in members]
+            merged = gather_episodes(group_states, layout, engine.dtype, engine.device)
+            plan = ReusePlan(visual_depth=torch.cat([plans[i].visual_depth for i in members]),
+                             relevance_layers=relevance_layers, collect_entropy=collect_entropy,
+                             prune_after_layer=prune_after_layer, prune_ratio=prune_ratio)
+            begin = self._sync()
+            result = engine.prefill(embeds[index], layout, plan, merged, visual_patches=patches[index.to(patches.device)])
+            after_prefill = self._sync()
+            if layout.parallel:
+                tokens = result.logits.argmax(-1)
+            else:
+                tokens = engine.decode_greedy(result.logits[:, -1], layout, merged)
+            end = self._sync()
+            scatter_episodes(merged, group_states, collected_relevance=result.relevance is not None,
+                             collected_entropy=result.layer_entropy is not None)
+            prefill_ms += (after_prefill - begin) * 1e3
+            decode_ms += (end - after_prefill) * 1e3
+            actions = model.tokens_to_actions(tokens)
+            for row, i in enumerate(members):
+                depth = result.visual_depth[row:row + 1]
+                outputs[i] = StepOutput(
+                    action_tokens=tokens[row:row + 1], actions=actions[row:row + 1], logits=result.logits[row:row + 1],
+                    vision_ms=(after_vision - start) * 1e3, select_ms=(after_select - after_vision) * 1e3,
+                    prefill_ms=0.0, decode_ms=0.0,
+                    reuse_ratio=1.0 - depth.float().sum().item() / max(depth.numel() * engine.num_layers, 1),
+                    computed_tokens=result.computed_tokens, statistic_rows=result.statistic_rows,
+                    visual_depth=depth, notes=plans[i].notes)
+        for output in outputs:  # the batch's prefill and decoding time is every sample's wait
+            output.prefill_ms, output.decode_ms = prefill_ms, decode_ms
+        return outputs
+
     def select_action(self, observation: dict) -> torch.Tensor:
         """LeRobot-style: observation {"images": uint8 frames, "text_ids": [B, T], optional "proprio"}
         -> actions [B, action_dim * action_chunk]."""

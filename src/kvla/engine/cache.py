@@ -27,6 +27,13 @@ class PositionalKVLayer(DynamicLayer):
         # Set by the engine before each call of this layer: [batch, rows] slot of each input row.
         self.write_slots: torch.Tensor | None = None
 
+    @classmethod
+    def from_tensors(cls, keys: torch.Tensor, values: torch.Tensor) -> "PositionalKVLayer":
+        """A buffer holding these [batch, kv_heads, slots, head_dim] keys and values (not copied)."""
+        layer = cls(0, keys.shape[1], keys.shape[2], keys.shape[3], keys.dtype, keys.device)
+        layer.keys, layer.values = keys, values
+        return layer
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if self.write_slots is None:
             raise RuntimeError("PositionalKVLayer.update called without write_slots set by the engine")
