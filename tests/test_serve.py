@@ -264,3 +264,43 @@ def test_kvla_serve_runs_a_history_vla_and_stops_on_sigterm(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_robots_arriving_together_are_batched_and_each_gets_its_own_episode(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    robots, steps = 4, 3
+    server = RunningServer(CachedVLAPolicy(model, "vla_cache:top_k=40:schedule=none"), schema, max_batch=8,
+                           max_wait_ms=200.0)
+    scenes = {robot: _frames(seed=10 + robot, steps=steps) for robot in range(robots)}
+    served = {robot: [] for robot in range(robots)}
+    batch_sizes = []
+    barrier = threading.Barrier(robots)
+
+    def robot_loop(robot):
+        frames, proprio = scenes[robot]
+        with connect(server.uri, compression=None, max_size=None) as socket:
+            unpack(socket.recv())
+            for step in range(steps):
+                barrier.wait(30)  # all robots send each step together
+                socket.send(pack(_observation(frames[step], proprio[step], INSTRUCTIONS[robot % 2])))
+                response = unpack(socket.recv())
+                served[robot].append(response["action_tokens"])
+                batch_sizes.append(response["server_timing"]["batch_size"])
+
+    try:
+        threads = [threading.Thread(target=robot_loop, args=(robot,)) for robot in range(robots)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        server.stop()
+    assert max(batch_sizes) > 1  # requests of different robots did share a step
+    for robot in range(robots):
+        alone = CachedVLAPolicy(model, "vla_cache:top_k=40:schedule=none")
+        frames, proprio = scenes[robot]
+        assert len(served[robot]) == steps
+        for step in range(steps):
+            out = alone.step(torch.from_numpy(frames[step])[None], tokenizer.encode_batch([INSTRUCTIONS[robot % 2]]),
+                             torch.from_numpy(proprio[step]).float()[None])
+            np.testing.assert_array_equal(served[robot][step], out.action_tokens[0].numpy())

@@ -401,6 +401,8 @@ def serve_command(
     idle_timeout: float = typer.Option(300.0, help="Seconds without a request before a robot is disconnected."),
     max_message_mib: float = typer.Option(16.0, help="Largest message accepted."),
     max_image_side: int = typer.Option(1024, help="Largest camera frame side accepted."),
+    max_batch: int = typer.Option(32, help="Requests of different robots stepped together (1: one at a time)."),
+    max_wait_ms: float = typer.Option(2.0, help="How long a step waits for more robots' requests to join it."),
     threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
 ):
     """A policy server in openpi's protocol: robot code using openpi-client talks to it unchanged."""
@@ -424,7 +426,10 @@ def serve_command(
     if threads:
         torch.set_num_threads(threads)
     settings = ServeSettings(host=host, port=port, api_key=api_key, max_sessions=max_sessions,
-                             idle_timeout_s=idle_timeout, max_message_bytes=int(max_message_mib * (1 << 20)))
+                             idle_timeout_s=idle_timeout, max_message_bytes=int(max_message_mib * (1 << 20)),
+                             max_batch=max_batch, max_wait_ms=max_wait_ms)
+    if max_batch < 1 or max_wait_ms < 0:
+        raise typer.BadParameter("--max-batch must be >= 1 and --max-wait-ms >= 0", param_hint="--max-batch")
     try:
         server = build_server(checkpoint, method, settings, max_image_side=max_image_side)
     except ValueError as error:

@@ -40,6 +40,8 @@ class ServeSettings:
     idle_timeout_s: float = 300.0
     max_message_bytes: int = 16 << 20
     shutdown_timeout_s: float = 30.0
+    max_batch: int = 32  # requests of different robots stepped together (1: one at a time)
+    max_wait_ms: float = 2.0  # how long a step waits for more requests to join its batch
 
 
 class Session:
@@ -49,6 +51,14 @@ class Session:
         self.number, self.remote, self.state = number, remote, state
         self.steps = 0
         self.last_total_ms: float | None = None
+
+
+@dataclass
+class _Request:
+    session: Session
+    observation: object  # schema.Observation
+    future: asyncio.Future
+    queued: float  # perf_counter when it joined the queue
 
 
 class PolicyServer:
@@ -67,6 +77,10 @@ class PolicyServer:
         self._engine = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvla-engine")
         self._make_state = type(policy.state)
         self._idle = asyncio.Event()
+        self._queue: asyncio.Queue | None = None
+        if settings.max_batch < 1 or settings.max_wait_ms < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {settings.max_batch}, "
+                             f"{settings.max_wait_ms}")
 
     # HTTP, before the websocket upgrade: health, the API key, the session limit
     def _process_request(self, connection, request):
@@ -86,15 +100,8 @@ class PolicyServer:
                                       f"{self.settings.max_sessions} sessions open; try again later\n")
         return None
 
-    def _step(self, session: Session, observation) -> dict:
-        """On the engine thread: one control step of this session's episode."""
-        started = time.perf_counter()
-        policy = self.policy
-        if observation.reset:
-            session.state.reset()
-        policy.state = session.state  # the policy object is shared; the episode is the session's
-        out = policy.step(observation.images, observation.text_ids, observation.proprio)
-        config = policy.model.config
+    def _response(self, out, session: Session) -> dict:
+        config = self.policy.model.config
         response = {
             "actions": out.actions[0].reshape(config.action_chunk, config.action_dim).float().numpy(),
             "action_tokens": out.action_tokens[0].numpy(),
@@ -104,8 +111,78 @@ class PolicyServer:
         }
         if hasattr(out, "reuse_ratio"):
             response["reuse_ratio"] = float(out.reuse_ratio)
-        response["server_timing"] = {"infer_ms": (time.perf_counter() - started) * 1e3}
         return response
+
+    def _step_batch(self, requests: list[_Request]) -> list:
+        """On the engine thread: one control step of each request's episode, batched where the
+        policy can batch episodes; per request a response or the exception that ended it."""
+        import torch
+
+        started = time.perf_counter()
+        policy = self.policy
+        for request in requests:
+            if request.observation.reset:
+                request.session.state.reset()
+        results: list = []
+        if len(requests) > 1 and hasattr(policy, "step_episodes"):
+            observations = [r.observation for r in requests]
+            try:
+                images = torch.cat([policy.model.policy_images(o.images) for o in observations])
+                proprio = None if observations[0].proprio is None else torch.cat([o.proprio for o in observations])
+                outs = policy.step_episodes([r.session.state for r in requests], images,
+                                            torch.cat([o.text_ids for o in observations]), proprio)
+                results = [self._response(out, r.session) for out, r in zip(outs, requests)]
+            except Exception as error:  # the episodes may be half-stepped: start them again
+                log.exception("batched step of %d sessions failed", len(requests))
+                for request in requests:
+                    request.session.state.reset()
+                results = [error] * len(requests)
+        else:
+            for request in requests:
+                policy.state = request.session.state  # the policy object is shared; the episode is the session's
+                observation = request.observation
+                try:
+                    results.append(self._response(policy.step(observation.images, observation.text_ids,
+                                                              observation.proprio), request.session))
+                except Exception as error:
+                    results.append(error)
+        infer_ms = (time.perf_counter() - started) * 1e3
+        for request, result in zip(requests, results):
+            if isinstance(result, dict):
+                result["server_timing"] = {"infer_ms": infer_ms, "queue_ms": (started - request.queued) * 1e3,
+                                           "batch_size": len(requests)}
+        return results
+
+    async def _batcher(self) -> None:
+        """Takes the queued requests of different robots, up to max_batch, waiting at most
+        max_wait_ms for more to join, and steps them on the engine thread."""
+        loop = asyncio.get_running_loop()
+        settings = self.settings
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + settings.max_wait_ms / 1e3
+            while len(batch) < settings.max_batch:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            batch = [r for r in batch if not r.future.done()]
+            if not batch:
+                continue
+            results = await loop.run_in_executor(self._engine, self._step_batch, batch)
+            for request, result in zip(batch, results):
+                if request.future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    request.future.set_exception(result)
+                else:
+                    request.future.set_result(result)
 
     async def _handle(self, websocket):
         self.opened += 1
@@ -165,11 +242,13 @@ class PolicyServer:
         self.in_flight += 1
         self._idle.clear()
         try:
-            response = await loop.run_in_executor(self._engine, self._step, session, observation)
+            future = loop.create_future()
+            await self._queue.put(_Request(session, observation, future, time.perf_counter()))
+            response = await future
         except (InputError, HistoryError) as error:  # e.g. a changed instruction within a history episode
             raise StepRefused(f"{error} (send reset=True to start a new episode)") from None
         except Exception as error:
-            log.exception("step failed for session %d", session.number)
+            log.error("step failed for session %d: %r", session.number, error)
             session.state.reset()
             raise StepFailed(type(error).__name__) from None
         finally:
@@ -187,6 +266,8 @@ class PolicyServer:
         async with serve(self._handle, self.settings.host, self.settings.port, compression=None,
                          max_size=self.settings.max_message_bytes, process_request=self._process_request) as server:
             self.port = server.sockets[0].getsockname()[1]
+            self._queue = asyncio.Queue()
+            batcher = asyncio.create_task(self._batcher())
             if ready is not None:
                 ready.set()
             await stop.wait()
@@ -199,6 +280,7 @@ class PolicyServer:
                                 self.settings.shutdown_timeout_s)
             server.close()
             await server.wait_closed()
+            batcher.cancel()
         self._engine.shutdown(wait=True)
 
 
