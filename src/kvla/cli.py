@@ -447,7 +447,9 @@ def eval_command(
     episodes: int = typer.Option(20, help="Held-out episodes per task (seeds from --seed-start)."),
     seed_start: int = typer.Option(10_000, help="First evaluation seed (demonstrations use seeds from 0)."),
     max_steps: int = typer.Option(200, help="Episode length limit (the demonstrations were collected within 200 steps)."),
-    workers: int = typer.Option(2, help="Worker processes."),
+    workers: int = typer.Option(2, help="Worker processes (with --ray-address local: Ray's CPUs)."),
+    ray_address: str = typer.Option(None, help="Run the episodes as Ray tasks: 'local' (a Ray instance here), "
+                                              "'auto' or a cluster address; nodes need kvla and the checkpoint path."),
     json_path: Path = typer.Option(None, "--json", help="Write one record per method (overall) and per task."),
     episodes_json: Path = typer.Option(None, "--episodes-json", help="Write one record per episode and method."),
     plot: Path = typer.Option(None, help="PNG: success against speed-up per method."),
@@ -483,8 +485,13 @@ def eval_command(
     if fidelity:
         _eval_fidelity(checkpoint, specs, task_list, data, fidelity_episodes, json_path, progress)
         return
+    if ray_address is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise typer.BadParameter("Ray is not installed: pip install 'kvla[ray]'", param_hint="--ray-address") from None
     results = evaluate.run_closed_loop(str(checkpoint), specs, task_list, episodes, seed_start=seed_start,
-                                       max_steps=max_steps, workers=workers, progress=progress)
+                                       max_steps=max_steps, workers=workers, progress=progress, ray_address=ray_address)
     labels = [o.method for o in results[0]]
     summaries = evaluate.summarise(results, labels)
     table = Table(title=f"kvla eval - {checkpoint}, {episodes} held-out episodes per task (seeds {seed_start}..), "

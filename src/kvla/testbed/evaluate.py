@@ -6,6 +6,7 @@ import math
 import multiprocessing as mp
 import statistics
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -161,15 +162,54 @@ def _run_job(job) -> list[EpisodeOutcome]:
     return outcomes
 
 
+def _ray_job(checkpoint: str, method_specs: list[str], threads: int, job) -> list[EpisodeOutcome]:
+    """One job in a Ray worker process, which loads the checkpoint once and keeps it for its next jobs."""
+    from kvla.testbed.sim import ensure_rendering
+
+    key = (checkpoint, tuple(method_specs), threads)
+    if _WORKER.get("key") != key:
+        ensure_rendering()
+        _init_worker(checkpoint, method_specs, threads)
+        _WORKER["key"] = key
+    return _run_job(job)
+
+
+def _run_on_ray(address: str, checkpoint: str, method_specs: list[str], jobs: list, workers: int, threads: int,
+                progress: bool) -> list[list[EpisodeOutcome]]:
+    """The jobs as Ray tasks (one CPU each); results in job order, so the pairing is the local one.
+    `address` "local" starts a Ray instance on this machine with `workers` CPUs; otherwise it is
+    a running cluster's address ("auto", "ray://head:10001"), whose nodes must see the checkpoint
+    directory at the same path and have kvla installed."""
+    import os
+
+    import ray
+
+    runtime_env = {"env_vars": {"MUJOCO_GL": os.environ["MUJOCO_GL"], "OMP_NUM_THREADS": str(threads)}}
+    if address == "local":
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+    else:
+        ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
+    try:
+        run = ray.remote(num_cpus=1, max_retries=2)(_ray_job)
+        checkpoint = str(Path(checkpoint).resolve())
+        pending = [run.remote(checkpoint, method_specs, threads, job) for job in jobs]
+        return [ray.get(ref) for ref in tqdm(pending, desc="episodes (ray)", disable=not progress)]
+    finally:
+        ray.shutdown()
+
+
 def run_closed_loop(checkpoint: str, method_specs: list[str], tasks: list[str], episodes_per_task: int,
                     *, seed_start: int = EVAL_SEED_START, max_steps: int = 200, workers: int = 2,
-                    progress: bool = True) -> list[list[EpisodeOutcome]]:
-    """Every method on the same (task, seed) pairs; returns per job the outcomes of each method."""
+                    progress: bool = True, ray_address: str | None = None) -> list[list[EpisodeOutcome]]:
+    """Every method on the same (task, seed) pairs; returns per job the outcomes of each method.
+    Jobs run in `workers` local processes, or as Ray tasks with `ray_address`."""
     from kvla.testbed.sim import ensure_rendering
 
     ensure_rendering()  # once, before any worker starts: the workers inherit the backend choice
     jobs = [(task, seed_start + i, max_steps) for i in range(episodes_per_task) for task in tasks]
     threads = max(1, torch.get_num_threads() // max(1, workers))
+    if ray_address is not None:
+        return _run_on_ray(ray_address, checkpoint, method_specs, jobs, workers, threads, progress)
     if workers <= 1:
         _init_worker(checkpoint, method_specs, threads)
         return [_run_job(job) for job in tqdm(jobs, desc="episodes", disable=not progress)]
