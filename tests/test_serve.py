@@ -304,3 +304,40 @@ def test_robots_arriving_together_are_batched_and_each_gets_its_own_episode(toke
             out = alone.step(torch.from_numpy(frames[step])[None], tokenizer.encode_batch([INSTRUCTIONS[robot % 2]]),
                              torch.from_numpy(proprio[step]).float()[None])
             np.testing.assert_array_equal(served[robot][step], out.action_tokens[0].numpy())
+
+
+def test_an_oversized_message_and_a_disconnect_mid_request_leave_the_server_serving(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    policy = CachedVLAPolicy(model, "full")
+    entered, release = threading.Event(), threading.Event()
+    step = policy.step
+
+    def slow_step(*args):
+        entered.set()
+        release.wait(10)
+        return step(*args)
+
+    policy.step = slow_step
+    server = RunningServer(policy, schema, max_message_bytes=20_000)
+    frames, proprio = _frames(seed=6, steps=1)
+    try:
+        with connect(server.uri, compression=None, max_size=None) as robot:
+            unpack(robot.recv())
+            robot.send(pack({"images": {c: np.zeros((64, 64, 3), np.uint8) for c in CAMERAS}}))  # 24 KiB
+            with pytest.raises(ConnectionClosed) as closed:
+                robot.recv()
+            assert closed.value.rcvd.code == 1009  # message too big
+        leaving = connect(server.uri, compression=None, max_size=None)
+        unpack(leaving.recv())
+        leaving.send(pack(_observation(frames[0], proprio[0])))
+        assert entered.wait(10)
+        leaving.close()  # gone while its step runs
+        release.set()
+        assert _wait_for(lambda: not server.server.sessions and server.server.in_flight == 0)
+        with connect(server.uri, compression=None, max_size=None) as robot:
+            unpack(robot.recv())
+            robot.send(pack(_observation(frames[0], proprio[0])))
+            assert unpack(robot.recv())["episode_step"] == 0
+    finally:
+        release.set()
+        server.stop()
