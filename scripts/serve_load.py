@@ -28,7 +28,6 @@ import os
 import signal
 import statistics
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -93,33 +92,6 @@ async def _clients(uri, episodes, robots, steps, cameras, out_queue, kill_after_
 
 
 # ------------------------------------------------------------------ server side
-class ServerThread:
-    def __init__(self, server):
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self.started = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.started.wait(60)
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.stop_event = asyncio.Event()
-        ready = asyncio.Event()
-
-        async def main():
-            task = asyncio.create_task(self.server.serve(self.stop_event, ready))
-            await ready.wait()
-            self.started.set()
-            await task
-
-        self.loop.run_until_complete(main())
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.thread.join(60)
-
-
 def rss_mib() -> float:
     with open("/proc/self/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
@@ -181,7 +153,7 @@ def main() -> None:
 
     from kvla.model.reference import checkpoint_cameras
     from kvla.model.vla import VLAModel
-    from kvla.serve.server import ServeSettings, build_server
+    from kvla.serve.server import BackgroundServer, ServeSettings, build_server
 
     torch.set_num_threads(args.threads)
     cameras = checkpoint_cameras(args.checkpoint)
@@ -192,7 +164,7 @@ def main() -> None:
     servers = {}
     for name, max_batch in (("one at a time", 1), ("batched", args.robots)):
         settings = ServeSettings(port=0, max_batch=max_batch, max_wait_ms=2.0, max_sessions=max(args.robots, args.kill))
-        servers[name] = ServerThread(build_server(args.checkpoint, args.method, settings))
+        servers[name] = BackgroundServer(build_server(args.checkpoint, args.method, settings))
     for round_index in range(args.rounds):  # the two servers interleaved, order alternating
         order = list(servers) if round_index % 2 == 0 else list(reversed(servers))
         for name in order:

@@ -1,6 +1,3 @@
-import asyncio
-import threading
-
 import pytest
 import torch
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -43,33 +40,3 @@ def make_history_checkpoint(directory):
     tokenizer.save(directory)
     save_observation_spec(directory, (CAMERA, WRIST_CAMERA), 32)
     save_history_config(directory, HistoryConfig(frame_stride=4, max_frames=50))
-
-
-class RunningPolicyServer:
-    """A PolicyServer on an ephemeral loopback port, in a thread with its own event loop."""
-
-    def __init__(self, server):
-        self.server = server
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(30), "the server did not start"
-        self.uri = f"ws://127.0.0.1:{self.server.port}"
-
-    def _run(self):
-        asyncio.set_event_loop(self.loop)
-        self.stop_event, started = asyncio.Event(), asyncio.Event()
-
-        async def main():
-            task = asyncio.create_task(self.server.serve(self.stop_event, started))
-            await started.wait()
-            self.ready.set()
-            await task
-
-        self.loop.run_until_complete(main())
-
-    def stop(self):
-        self.loop.call_soon_threadsafe(self.stop_event.set)
-        self.thread.join(30)
-        assert not self.thread.is_alive()

@@ -10,9 +10,8 @@ import torch
 
 from kvla.model.reference import load_policy_checkpoint
 from kvla.policy import CachedVLAPolicy
-from kvla.serve.server import ServeSettings, build_server
+from kvla.serve.server import BackgroundServer, ServeSettings, build_server
 
-from conftest import RunningPolicyServer
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENPI_PYTHON = ROOT / ".venv-openpi" / "bin" / "python"
@@ -29,7 +28,7 @@ def _client(port, out, *extra, check=True):
 
 
 def test_the_real_openpi_client_runs_an_episode_and_gets_the_in_process_actions(tmp_path):
-    server = RunningPolicyServer(build_server(CHECKPOINT, "vla_cache", ServeSettings(port=0, api_key="robot-key")))
+    server = BackgroundServer(build_server(CHECKPOINT, "vla_cache", ServeSettings(port=0, api_key="robot-key")))
     try:
         refused = _client(server.server.port, tmp_path / "refused.npz", "--max-steps", "8", check=False)
         assert refused.returncode != 0 and "401" in refused.stderr  # no key: refused at the handshake

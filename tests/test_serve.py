@@ -16,16 +16,16 @@ from kvla.model.vla import VLAModel
 from kvla.policy import CachedVLAPolicy
 from kvla.serve.protocol import pack, unpack
 from kvla.serve.schema import ObservationSchema
-from kvla.serve.server import PolicyServer, ServeSettings
+from kvla.serve.server import BackgroundServer, PolicyServer, ServeSettings
 
-from conftest import RunningPolicyServer
 
 CAMERAS = ("corner2", "gripperPOV")
 INSTRUCTIONS = ["push the puck to the goal", "open the drawer"]
 
 
-def RunningServer(policy, schema, **settings):
-    return RunningPolicyServer(PolicyServer(policy, schema, {"server": "kvla-test"}, ServeSettings(port=0, **settings)))
+def serving(policy, schema, **settings):
+    """A test server for this policy on a free loopback port."""
+    return BackgroundServer(PolicyServer(policy, schema, {"server": "kvla-test"}, ServeSettings(port=0, **settings)))
 
 
 def _model_and_schema(tokenizer):
@@ -42,7 +42,7 @@ def tokenizer():
 @pytest.fixture
 def running(tokenizer):
     model, schema = _model_and_schema(tokenizer)
-    server = RunningServer(CachedVLAPolicy(model, "vla_cache"), schema)
+    server = serving(CachedVLAPolicy(model, "vla_cache"), schema)
     yield server, model
     server.stop()
 
@@ -141,7 +141,7 @@ def _wait_for(condition, seconds=10.0):
 
 def test_health_sessions_and_the_session_limit(tokenizer):
     model, schema = _model_and_schema(tokenizer)
-    server = RunningServer(CachedVLAPolicy(model, "full"), schema, max_sessions=1)
+    server = serving(CachedVLAPolicy(model, "full"), schema, max_sessions=1)
     try:
         health = urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10).read()
         assert b'"status": "ok"' in health
@@ -159,7 +159,7 @@ def test_health_sessions_and_the_session_limit(tokenizer):
 
 def test_the_api_key(tokenizer):
     model, schema = _model_and_schema(tokenizer)
-    server = RunningServer(CachedVLAPolicy(model, "full"), schema, api_key="s3cret")
+    server = serving(CachedVLAPolicy(model, "full"), schema, api_key="s3cret")
     try:
         for headers in ({}, {"Authorization": "Api-Key wrong"}):
             with pytest.raises(InvalidStatus) as refused:
@@ -174,7 +174,7 @@ def test_the_api_key(tokenizer):
 
 def test_an_idle_robot_is_disconnected_and_its_session_freed(tokenizer):
     model, schema = _model_and_schema(tokenizer)
-    server = RunningServer(CachedVLAPolicy(model, "full"), schema, idle_timeout_s=0.3)
+    server = serving(CachedVLAPolicy(model, "full"), schema, idle_timeout_s=0.3)
     try:
         with connect(server.uri) as robot:
             unpack(robot.recv())
@@ -198,13 +198,13 @@ def test_shutdown_answers_the_step_in_flight(tokenizer):
         return step(*args)
 
     policy.step = slow_step
-    server = RunningServer(policy, schema)
+    server = serving(policy, schema)
     frames, proprio = _frames(seed=5, steps=1)
     with connect(server.uri) as robot:
         unpack(robot.recv())
         robot.send(pack(_observation(frames[0], proprio[0])))
         assert entered.wait(10)
-        server.loop.call_soon_threadsafe(server.stop_event.set)
+        server.request_stop()
         assert _wait_for(lambda: server.server.draining)
         with pytest.raises(urllib.error.HTTPError) as health:
             urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10)
@@ -269,7 +269,7 @@ def test_kvla_serve_runs_a_history_vla_and_stops_on_sigterm(tmp_path):
 def test_robots_arriving_together_are_batched_and_each_gets_its_own_episode(tokenizer):
     model, schema = _model_and_schema(tokenizer)
     robots, steps = 4, 3
-    server = RunningServer(CachedVLAPolicy(model, "vla_cache:top_k=40:schedule=none"), schema, max_batch=8,
+    server = serving(CachedVLAPolicy(model, "vla_cache:top_k=40:schedule=none"), schema, max_batch=8,
                            max_wait_ms=200.0)
     scenes = {robot: _frames(seed=10 + robot, steps=steps) for robot in range(robots)}
     served = {robot: [] for robot in range(robots)}
@@ -318,7 +318,7 @@ def test_an_oversized_message_and_a_disconnect_mid_request_leave_the_server_serv
         return step(*args)
 
     policy.step = slow_step
-    server = RunningServer(policy, schema, max_message_bytes=20_000)
+    server = serving(policy, schema, max_message_bytes=20_000)
     frames, proprio = _frames(seed=6, steps=1)
     try:
         with connect(server.uri, compression=None, max_size=None) as robot:

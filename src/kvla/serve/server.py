@@ -315,6 +315,45 @@ def build_server(checkpoint, method: str, settings: ServeSettings, max_image_sid
     return PolicyServer(policy, schema, metadata, settings)
 
 
+class BackgroundServer:
+    """A PolicyServer serving from a thread with its own event loop (tests, load tests, notebooks);
+    `port` 0 in its settings picks a free one. stop() drains it as a signal would."""
+
+    def __init__(self, server: PolicyServer, start_timeout_s: float = 60.0):
+        import threading
+
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="kvla-serve", daemon=True)
+        self.thread.start()
+        if not self._started.wait(start_timeout_s):
+            raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
+        self.uri = f"ws://127.0.0.1:{server.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.stop_event = asyncio.Event()
+
+        async def main():
+            ready = asyncio.Event()
+            task = asyncio.create_task(self.server.serve(self.stop_event, ready))
+            await ready.wait()
+            self._started.set()
+            await task
+
+        self.loop.run_until_complete(main())
+
+    def request_stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.request_stop()
+        self.thread.join(timeout_s)
+        if self.thread.is_alive():
+            raise RuntimeError(f"the server did not stop within {timeout_s:.0f} s")
+
+
 def run_until_signalled(server: PolicyServer) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully."""
     import signal
