@@ -52,7 +52,11 @@ def record_frames(cameras, size, steps, stride):
 
 # ------------------------------------------------------------------ client process
 def _client_main(uri, episodes, robots, steps, cameras, out_queue, kill_after_send=False):
-    asyncio.run(_clients(uri, episodes, robots, steps, cameras, out_queue, kill_after_send))
+    try:
+        asyncio.run(_clients(uri, episodes, robots, steps, cameras, out_queue, kill_after_send))
+    except BaseException as error:  # tell the parent instead of leaving it waiting
+        out_queue.put({"error": repr(error)})
+        raise
 
 
 async def _clients(uri, episodes, robots, steps, cameras, out_queue, kill_after_send):
@@ -119,6 +123,8 @@ def run_round(port, episodes, robots, steps, cameras) -> dict:
     process.start()
     result = results.get(timeout=900)
     process.join(60)
+    if "error" in result:
+        raise RuntimeError(f"a client failed: {result['error']}")
     latencies = sorted(result["latencies_ms"])
     return {"requests": len(latencies), "wall_s": result["wall_s"],
             "throughput_per_s": len(latencies) / result["wall_s"],
@@ -132,7 +138,8 @@ def kill_clients(port, episodes, count, cameras) -> None:
                                                          signals, True))
     process.start()
     for _ in range(count):  # every client has sent its request
-        signals.get(timeout=300)
+        if isinstance(signal_or_error := signals.get(timeout=300), dict):
+            raise RuntimeError(f"a client failed: {signal_or_error['error']}")
     os.kill(process.pid, signal.SIGKILL)
     process.join(60)
 
@@ -188,7 +195,7 @@ def main() -> None:
     report["kill"] = {"clients": args.kill, "health_after": health(batched.server.port),
                       "sessions_left": len(batched.server.sessions), "in_flight_left": batched.server.in_flight,
                       "rss_before_mib": before, "rss_after_mib": after}
-    report["after_kill_round"] = run_round(batched.server.port, episodes, args.robots, 2, cameras)  # still serving
+    report["after_kill_round"] = run_round(batched.server.port, episodes, args.robots, min(2, args.steps), cameras)  # still serving
     for server in servers.values():
         server.stop()
     print(json.dumps({k: v for k, v in report.items() if k != "rounds"}, indent=2))
