@@ -153,6 +153,7 @@ BAD_INPUTS = {
     "a zero-sized image": ("images", "zero-sized image", lambda i, t, p: (i[:, :, :0], t, p)),
     "text ids as numpy": ("text_ids", "must be a torch.Tensor", lambda i, t, p: (i, t.numpy(), p)),
     "float text ids": ("text_ids", "integer tensor", lambda i, t, p: (i, t.float(), p)),
+    "uint8 text ids": ("text_ids", "(int64 or int32), got torch.uint8", lambda i, t, p: (i, t.to(torch.uint8), p)),
     "text ids of the wrong length": ("text_ids", "text_ids must be", lambda i, t, p: (i, t[:, :-1], p)),
     "a text id past the vocabulary": ("text_ids", "outside the vocabulary [0, 512)",
                                       lambda i, t, p: (i, t.index_fill(1, torch.tensor([2]), 512), p)),

@@ -327,11 +327,11 @@ def test_an_oversized_message_and_a_disconnect_mid_request_leave_the_server_serv
             with pytest.raises(ConnectionClosed) as closed:
                 robot.recv()
             assert closed.value.rcvd.code == 1009  # message too big
-        leaving = connect(server.uri, compression=None, max_size=None)
-        unpack(leaving.recv())
-        leaving.send(pack(_observation(frames[0], proprio[0])))
-        assert entered.wait(10)
-        leaving.close()  # gone while its step runs
+        with connect(server.uri, compression=None, max_size=None) as leaving:
+            unpack(leaving.recv())
+            leaving.send(pack(_observation(frames[0], proprio[0])))
+            assert entered.wait(10)
+            leaving.close()  # gone while its step runs
         release.set()
         assert _wait_for(lambda: not server.server.sessions and server.server.in_flight == 0)
         with connect(server.uri, compression=None, max_size=None) as robot:
@@ -340,4 +340,55 @@ def test_an_oversized_message_and_a_disconnect_mid_request_leave_the_server_serv
             assert unpack(robot.recv())["episode_step"] == 0
     finally:
         release.set()
+        server.stop()
+
+
+def test_a_server_that_cannot_start_says_why(tokenizer):
+    import socket
+
+    model, schema = _model_and_schema(tokenizer)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = PolicyServer(CachedVLAPolicy(model, "full"), schema, {}, ServeSettings(port=port))
+        with pytest.raises(RuntimeError, match="failed to start"):
+            BackgroundServer(server, start_timeout_s=30)
+
+
+def test_two_authorization_headers_are_refused_not_an_error(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    server = serving(CachedVLAPolicy(model, "full"), schema, api_key="k")
+    try:
+        from websockets.datastructures import Headers
+
+        headers = Headers([("Authorization", "Api-Key k"), ("Authorization", "Api-Key k")])
+        with pytest.raises(InvalidStatus) as refused:
+            connect(server.uri, additional_headers=headers)
+        assert refused.value.response.status_code == 401
+    finally:
+        server.stop()
+
+
+def test_a_history_episode_ends_at_the_trained_length(tokenizer):
+    from kvla.history_policy import HistoryVLAPolicy
+    from kvla.model.history import HistoryConfig
+
+    model = VLAModel.from_preset("tiny", seed=0, proprio_dim=4, num_cameras=2, parallel_actions=True, action_chunk=2,
+                                 vocab_size=tokenizer.text_vocab_size + 256, num_text_tokens=tokenizer.max_length)
+    schema = ObservationSchema(model.config, CAMERAS, tokenizer, max_image_side=64)
+    server = serving(HistoryVLAPolicy(model, HistoryConfig(frame_stride=2, max_frames=2), "history_full"), schema)
+    frames, proprio = _frames(seed=7, steps=3)
+    try:
+        with connect(server.uri, compression=None, max_size=None) as robot:
+            unpack(robot.recv())
+            for step in range(2):
+                robot.send(pack(_observation(frames[step], proprio[step])))
+                assert unpack(robot.recv())["episode_step"] == step
+            robot.send(pack(_observation(frames[2], proprio[2])))
+            refusal = robot.recv()
+            assert "reached the history VLA's 2 steps" in refusal and "reset=True" in refusal
+            robot.send(pack(_observation(frames[2], proprio[2], reset=True)))
+            assert unpack(robot.recv())["episode_step"] == 0
+    finally:
         server.stop()

@@ -89,3 +89,14 @@ def test_arbitrary_array_maps_decode_to_their_shape_or_raise_a_protocol_error(da
     except ProtocolError:
         return
     assert list(array.shape) == shape and array.nbytes == len(data)
+
+
+def test_a_frame_of_a_million_empty_maps_is_refused_before_it_is_built():
+    import time
+
+    count = 1_000_000
+    data = b"\xdd" + count.to_bytes(4, "big") + b"\x80" * count
+    started = time.perf_counter()
+    with pytest.raises(ProtocolError, match="well-formed"):
+        unpack(data)
+    assert time.perf_counter() - started < 1.0  # refused from the header, not after building the list

@@ -50,8 +50,8 @@ def check_images(images, num_cameras: int) -> int:
 def check_text_ids(text_ids, batch: int, num_text_tokens: int, vocab_size: int) -> None:
     if not isinstance(text_ids, torch.Tensor):
         raise InputError("text_ids", f"must be a torch.Tensor of token ids, got {_describe(text_ids)}")
-    if text_ids.dtype == torch.bool or text_ids.is_floating_point() or text_ids.is_complex():
-        raise InputError("text_ids", f"token ids must be an integer tensor, got {text_ids.dtype}")
+    if text_ids.dtype not in (torch.int64, torch.int32):  # what an embedding takes
+        raise InputError("text_ids", f"token ids must be an integer tensor (int64 or int32), got {text_ids.dtype}")
     if text_ids.shape != (batch, num_text_tokens):
         raise InputError("text_ids", f"text_ids must be [batch={batch}, {num_text_tokens}], got {tuple(text_ids.shape)}")
     low, high = int(text_ids.min()), int(text_ids.max())

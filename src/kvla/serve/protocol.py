@@ -31,6 +31,8 @@ class DecodeLimits:
     max_message_bytes: int = 64 << 20
     max_array_elements: int = 16 << 20
     max_array_dims: int = 5
+    max_container_len: int = 1024  # entries of one msgpack map or list
+    max_str_len: int = 1 << 16
 
 
 def _encode(obj):
@@ -129,7 +131,11 @@ def unpack(data: bytes, limits: DecodeLimits = DecodeLimits()):
         return fields
 
     try:
-        message = msgpack.unpackb(bytes(data), object_hook=hook, ext_hook=_refuse_extension)
+        # arrays travel as bin: an observation needs only small maps, lists and strings, and these
+        # caps keep a frame of millions of empty maps from stalling the event loop
+        message = msgpack.unpackb(bytes(data), object_hook=hook, ext_hook=_refuse_extension,
+                                  max_map_len=limits.max_container_len, max_array_len=limits.max_container_len,
+                                  max_str_len=limits.max_str_len)
     except ProtocolError:
         raise
     except (ValueError, TypeError, msgpack.exceptions.UnpackException, RecursionError) as error:

@@ -38,7 +38,8 @@ class ObservationSchema:
         described = {
             "images": {"cameras": list(self.cameras), "dtype": "uint8", "shape": "[H, W, 3] RGB, every camera the same size",
                        "max_side": self.max_image_side, "model_resolution": config.image_size},
-            "text_ids": {"dtype": "integer", "shape": [config.num_text_tokens], "range": [0, config.vocab_size]},
+            "text_ids": {"dtype": "integer", "shape": [config.num_text_tokens],
+                         "range": f"[0, {config.vocab_size})"},
             "proprio": ({"dtype": "float", "shape": [config.proprio_dim], "finite": True} if config.proprio_dim
                         else None),
             "reset": {"dtype": "bool", "meaning": "start a new episode with this observation (a new connection "

@@ -90,8 +90,9 @@ class PolicyServer:
                     "in_flight": self.in_flight}
             return connection.respond(status, json.dumps(body) + "\n")
         if self.settings.api_key is not None:
-            sent = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(sent.encode(), f"Api-Key {self.settings.api_key}".encode()):
+            sent = request.headers.get_all("Authorization")
+            expected = f"Api-Key {self.settings.api_key}".encode("latin-1", "replace")
+            if len(sent) != 1 or not hmac.compare_digest(sent[0].encode("latin-1", "replace"), expected):
                 return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong API key\n")
         if self.draining:
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
@@ -103,8 +104,8 @@ class PolicyServer:
     def _response(self, out, session: Session) -> dict:
         config = self.policy.model.config
         response = {
-            "actions": out.actions[0].reshape(config.action_chunk, config.action_dim).float().numpy(),
-            "action_tokens": out.action_tokens[0].numpy(),
+            "actions": out.actions[0].reshape(config.action_chunk, config.action_dim).float().cpu().numpy(),
+            "action_tokens": out.action_tokens[0].cpu().numpy(),
             "episode_step": int(session.state.step) - 1,
             "policy_timing": {"vision_ms": out.vision_ms, "select_ms": out.select_ms,
                               "prefill_ms": out.prefill_ms, "decode_ms": out.decode_ms},
@@ -123,35 +124,44 @@ class PolicyServer:
         for request in requests:
             if request.observation.reset:
                 request.session.state.reset()
-        results: list = []
-        if len(requests) > 1 and hasattr(policy, "step_episodes"):
-            observations = [r.observation for r in requests]
+        results: dict[int, object] = {}
+        history = getattr(policy, "history", None)
+        if history is not None:  # a history episode longer than the model was trained on is refused
+            for index, request in enumerate(requests):
+                if request.session.state.step >= history.max_frames:
+                    results[index] = InputError("reset", f"this episode has reached the history VLA's "
+                                                         f"{history.max_frames} steps")
+        runnable = [i for i in range(len(requests)) if i not in results]
+        if len(runnable) > 1 and hasattr(policy, "step_episodes"):
+            observations = [requests[i].observation for i in runnable]
             try:
                 images = torch.cat([policy.model.policy_images(o.images) for o in observations])
                 proprio = None if observations[0].proprio is None else torch.cat([o.proprio for o in observations])
-                outs = policy.step_episodes([r.session.state for r in requests], images,
+                outs = policy.step_episodes([requests[i].session.state for i in runnable], images,
                                             torch.cat([o.text_ids for o in observations]), proprio)
-                results = [self._response(out, r.session) for out, r in zip(outs, requests)]
+                results.update({i: self._response(out, requests[i].session) for i, out in zip(runnable, outs)})
             except Exception as error:  # the episodes may be half-stepped: start them again
-                log.exception("batched step of %d sessions failed", len(requests))
-                for request in requests:
-                    request.session.state.reset()
-                results = [error] * len(requests)
+                log.exception("batched step of %d sessions failed", len(runnable))
+                for i in runnable:
+                    requests[i].session.state.reset()
+                    results[i] = error
         else:
-            for request in requests:
+            for i in runnable:
+                request = requests[i]
                 policy.state = request.session.state  # the policy object is shared; the episode is the session's
                 observation = request.observation
                 try:
-                    results.append(self._response(policy.step(observation.images, observation.text_ids,
-                                                              observation.proprio), request.session))
+                    results[i] = self._response(policy.step(observation.images, observation.text_ids,
+                                                            observation.proprio), request.session)
                 except Exception as error:
-                    results.append(error)
+                    results[i] = error
         infer_ms = (time.perf_counter() - started) * 1e3
-        for request, result in zip(requests, results):
+        ordered = [results[i] for i in range(len(requests))]
+        for request, result in zip(requests, ordered):
             if isinstance(result, dict):
                 result["server_timing"] = {"infer_ms": infer_ms, "queue_ms": (started - request.queued) * 1e3,
                                            "batch_size": len(requests)}
-        return results
+        return ordered
 
     async def _batcher(self) -> None:
         """Takes the queued requests of different robots, up to max_batch, waiting at most
@@ -175,7 +185,11 @@ class PolicyServer:
             batch = [r for r in batch if not r.future.done()]
             if not batch:
                 continue
-            results = await loop.run_in_executor(self._engine, self._step_batch, batch)
+            try:
+                results = await loop.run_in_executor(self._engine, self._step_batch, batch)
+            except Exception as error:  # never leave a robot waiting on a batch that failed
+                log.exception("a batch of %d failed", len(batch))
+                results = [error] * len(batch)
             for request, result in zip(batch, results):
                 if request.future.done():
                     continue
@@ -263,8 +277,10 @@ class PolicyServer:
         steps in flight finish and are answered, and the server closes."""
         from websockets.asyncio.server import serve
 
+        # max_queue 2: the protocol is lock-step, so a robot has no reason to queue more frames
         async with serve(self._handle, self.settings.host, self.settings.port, compression=None,
-                         max_size=self.settings.max_message_bytes, process_request=self._process_request) as server:
+                         max_size=self.settings.max_message_bytes, max_queue=2,
+                         process_request=self._process_request) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._queue = asyncio.Queue()
             batcher = asyncio.create_task(self._batcher())
@@ -323,12 +339,15 @@ class BackgroundServer:
         import threading
 
         self.server = server
+        self.error: BaseException | None = None
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kvla-serve", daemon=True)
         self.thread.start()
         if not self._started.wait(start_timeout_s):
             raise RuntimeError(f"the server did not start within {start_timeout_s:.0f} s")
+        if self.error is not None:
+            raise RuntimeError(f"the server failed to start: {self.error!r}") from self.error
         self.uri = f"ws://127.0.0.1:{server.port}"
 
     def _run(self) -> None:
@@ -338,11 +357,15 @@ class BackgroundServer:
         async def main():
             ready = asyncio.Event()
             task = asyncio.create_task(self.server.serve(self.stop_event, ready))
-            await ready.wait()
+            await asyncio.wait({task, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
             self._started.set()
             await task
 
-        self.loop.run_until_complete(main())
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as error:  # handed to the thread that started the server
+            self.error = error
+            self._started.set()
 
     def request_stop(self) -> None:
         self.loop.call_soon_threadsafe(self.stop_event.set)
@@ -364,7 +387,9 @@ def run_until_signalled(server: PolicyServer) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         task = asyncio.create_task(server.serve(stop, ready))
-        await ready.wait()
+        await asyncio.wait({task, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # it failed to start (the port taken, ...): raise its error
         log.warning("kvla serve: ws://%s:%d (health: http://%s:%d/healthz)", server.settings.host, server.port,
                     server.settings.host, server.port)
         await task

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -118,6 +119,7 @@ def run_episode(policy, text_ids: torch.Tensor, task: str, seed: int, image_size
 
 # ------------------------------------------------------------------ worker processes
 _WORKER: dict = {}
+_USER_MUJOCO_GL = os.environ.get("MUJOCO_GL")  # as the user set it, before ensure_rendering
 
 
 def _init_worker(checkpoint: str, method_specs: list[str], threads: int):
@@ -177,20 +179,22 @@ def _ray_job(checkpoint: str, method_specs: list[str], threads: int, job) -> lis
 def _run_on_ray(address: str, checkpoint: str, method_specs: list[str], jobs: list, workers: int, threads: int,
                 progress: bool) -> list[list[EpisodeOutcome]]:
     """The jobs as Ray tasks (one CPU each); results in job order, so the pairing is the local one.
-    `address` "local" starts a Ray instance on this machine with `workers` CPUs; otherwise it is
+    `address` "local" starts a Ray instance on this machine with workers x threads CPUs; otherwise it is
     a running cluster's address ("auto", "ray://head:10001"), whose nodes must see the checkpoint
     directory at the same path and have kvla installed."""
-    import os
-
     import ray
 
-    runtime_env = {"env_vars": {"MUJOCO_GL": os.environ["MUJOCO_GL"], "OMP_NUM_THREADS": str(threads)}}
+    # each node picks its own rendering backend (ensure_rendering in the worker) unless the user chose one
+    env_vars = {"OMP_NUM_THREADS": str(threads)}
+    if _USER_MUJOCO_GL:
+        env_vars["MUJOCO_GL"] = _USER_MUJOCO_GL
+    runtime_env = {"env_vars": env_vars}
     if address == "local":
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
+        ray.init(num_cpus=workers * threads, include_dashboard=False, log_to_driver=False, runtime_env=runtime_env)
     else:
         ray.init(address=address, log_to_driver=False, runtime_env=runtime_env)
     try:
-        run = ray.remote(num_cpus=1, max_retries=2)(_ray_job)
+        run = ray.remote(num_cpus=threads, max_retries=2)(_ray_job)  # a task's threads are its CPUs
         checkpoint = str(Path(checkpoint).resolve())
         pending = [run.remote(checkpoint, method_specs, threads, job) for job in jobs]
         return [ray.get(ref) for ref in tqdm(pending, desc="episodes (ray)", disable=not progress)]
