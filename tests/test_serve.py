@@ -186,18 +186,24 @@ def test_an_idle_robot_is_disconnected_and_its_session_freed(tokenizer):
         server.stop()
 
 
-def test_shutdown_answers_the_step_in_flight(tokenizer):
-    model, schema = _model_and_schema(tokenizer)
+def _gated_policy(model):
+    """A policy whose steps wait, once entered, until `release` is set: a step held in flight."""
     policy = CachedVLAPolicy(model, "full")
     entered, release = threading.Event(), threading.Event()
     step = policy.step
 
-    def slow_step(*args):
+    def gated_step(*args):
         entered.set()
         release.wait(10)
         return step(*args)
 
-    policy.step = slow_step
+    policy.step = gated_step
+    return policy, entered, release
+
+
+def test_shutdown_answers_the_step_in_flight(tokenizer):
+    model, schema = _model_and_schema(tokenizer)
+    policy, entered, release = _gated_policy(model)
     server = serving(policy, schema)
     frames, proprio = _frames(seed=5, steps=1)
     with connect(server.uri) as robot:
@@ -308,16 +314,7 @@ def test_robots_arriving_together_are_batched_and_each_gets_its_own_episode(toke
 
 def test_an_oversized_message_and_a_disconnect_mid_request_leave_the_server_serving(tokenizer):
     model, schema = _model_and_schema(tokenizer)
-    policy = CachedVLAPolicy(model, "full")
-    entered, release = threading.Event(), threading.Event()
-    step = policy.step
-
-    def slow_step(*args):
-        entered.set()
-        release.wait(10)
-        return step(*args)
-
-    policy.step = slow_step
+    policy, entered, release = _gated_policy(model)
     server = serving(policy, schema, max_message_bytes=20_000)
     frames, proprio = _frames(seed=6, steps=1)
     try:
