@@ -389,3 +389,24 @@ def test_a_history_episode_ends_at_the_trained_length(tokenizer):
             assert unpack(robot.recv())["episode_step"] == 0
     finally:
         server.stop()
+
+
+def test_shutdown_is_bounded_when_a_step_hangs(tokenizer):
+    import time
+
+    model, schema = _model_and_schema(tokenizer)
+    policy, entered, release = _gated_policy(model)
+    server = serving(policy, schema, shutdown_timeout_s=0.5)
+    frames, proprio = _frames(seed=8, steps=1)
+    try:
+        with connect(server.uri) as robot:
+            unpack(robot.recv())
+            robot.send(pack(_observation(frames[0], proprio[0])))
+            assert entered.wait(10)
+            started = time.monotonic()
+            server.stop(timeout_s=10)  # the step never finishes by itself
+            assert time.monotonic() - started < 5
+            answer = robot.recv(timeout=10)
+            assert isinstance(answer, str) and "internal error" in answer
+    finally:
+        release.set()

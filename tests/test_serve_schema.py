@@ -94,3 +94,40 @@ def test_the_published_format_names_the_cameras_and_sizes(served):
     described = unpack(pack(schema.describe()))  # it travels in the metadata
     assert described["images"]["cameras"] == list(CAMERAS) and described["proprio"]["shape"] == [4]
     assert described["text_ids"]["shape"] == [schema.config.num_text_tokens]
+
+
+def _values():
+    from hypothesis import strategies as st
+    from hypothesis.extra import numpy as hnp
+
+    arrays = hnp.arrays(st.sampled_from([np.uint8, np.int64, np.float32, np.float64, np.bool_]),
+                        hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-2 ** 40, 2 ** 40), st.floats(), st.text(max_size=20))
+    return st.recursive(st.one_of(scalars, arrays),
+                        lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                st.dictionaries(st.sampled_from(CAMERAS + ("x",)), inner, max_size=3)),
+                        max_leaves=6)
+
+
+def test_any_observation_map_parses_or_is_refused_naming_a_field(served):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    _, schema, _ = served
+    keys = st.sampled_from(["images", "prompt", "text_ids", "proprio", "reset", "other"])
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.dictionaries(keys, _values(), max_size=5), st.booleans())
+    def check(observation, with_good_images):
+        if with_good_images:  # so that the later fields are reached too
+            observation["images"] = {c: np.zeros((8, 8, 3), np.uint8) for c in CAMERAS}
+        try:
+            parsed = unpack(pack(observation))
+        except ValueError:
+            return  # not sendable in the first place (e.g. a NaN key); the codec has its own tests
+        try:
+            schema.parse(parsed)
+        except InputError as error:
+            assert error.field and str(error).startswith(error.field)
+
+    check()

@@ -403,6 +403,8 @@ def serve_command(
     max_image_side: int = typer.Option(1024, help="Largest camera frame side accepted."),
     max_batch: int = typer.Option(32, help="Requests of different robots stepped together (1: one at a time)."),
     max_wait_ms: float = typer.Option(2.0, help="How long a step waits for more robots' requests to join it."),
+    shutdown_timeout: float = typer.Option(30.0, help="On SIGTERM, seconds to finish the steps in flight before "
+                                                      "answering them with an error."),
     threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
 ):
     """A policy server in openpi's protocol: robot code using openpi-client talks to it unchanged."""
@@ -427,7 +429,7 @@ def serve_command(
         torch.set_num_threads(threads)
     settings = ServeSettings(host=host, port=port, api_key=api_key, max_sessions=max_sessions,
                              idle_timeout_s=idle_timeout, max_message_bytes=int(max_message_mib * (1 << 20)),
-                             max_batch=max_batch, max_wait_ms=max_wait_ms)
+                             max_batch=max_batch, max_wait_ms=max_wait_ms, shutdown_timeout_s=shutdown_timeout)
     if max_batch < 1 or max_wait_ms < 0:
         raise typer.BadParameter("--max-batch must be >= 1 and --max-wait-ms >= 0", param_hint="--max-batch")
     try:

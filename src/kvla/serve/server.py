@@ -77,6 +77,7 @@ class PolicyServer:
         self._engine = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvla-engine")
         self._make_state = type(policy.state)
         self._idle = asyncio.Event()
+        self._pending: set[asyncio.Future] = set()  # the answers robots are waiting for
         self._queue: asyncio.Queue | None = None
         if settings.max_batch < 1 or settings.max_wait_ms < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {settings.max_batch}, "
@@ -253,10 +254,11 @@ class PolicyServer:
         from kvla.engine.history import HistoryError
 
         loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._pending.add(future)
         self.in_flight += 1
         self._idle.clear()
         try:
-            future = loop.create_future()
             await self._queue.put(_Request(session, observation, future, time.perf_counter()))
             response = await future
         except (InputError, HistoryError) as error:  # e.g. a changed instruction within a history episode
@@ -266,6 +268,7 @@ class PolicyServer:
             session.state.reset()
             raise StepFailed(type(error).__name__) from None
         finally:
+            self._pending.discard(future)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
@@ -274,7 +277,8 @@ class PolicyServer:
 
     async def serve(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
         """Serve until `stop` is set, then drain: /healthz answers 503, new connections are refused,
-        steps in flight finish and are answered, and the server closes."""
+        steps in flight finish and are answered, and the server closes; steps still running after
+        shutdown_timeout_s are answered with an error instead."""
         from websockets.asyncio.server import serve
 
         # max_queue 2: the protocol is lock-step, so a robot has no reason to queue more frames
@@ -291,13 +295,16 @@ class PolicyServer:
             if self.in_flight:
                 try:
                     await asyncio.wait_for(self._idle.wait(), self.settings.shutdown_timeout_s)
-                except asyncio.TimeoutError:
-                    log.warning("shutdown: %d steps still running after %.0f s", self.in_flight,
+                except asyncio.TimeoutError:  # answer the robots still waiting, so the handlers can end
+                    log.warning("shutdown: %d steps still running after %.0f s; failing them", self.in_flight,
                                 self.settings.shutdown_timeout_s)
+                    for future in list(self._pending):
+                        if not future.done():
+                            future.set_exception(TimeoutError("the server shut down before this step finished"))
             server.close()
             await server.wait_closed()
             batcher.cancel()
-        self._engine.shutdown(wait=True)
+        self._engine.shutdown(wait=False, cancel_futures=True)  # a step still running ends on its own
 
 
 class StepRefused(Exception):
