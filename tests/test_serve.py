@@ -125,6 +125,9 @@ def test_bad_input_is_refused_by_name_and_harms_no_one(running):
         assert unpack(other.recv())["episode_step"] == 0
         other.send("a text frame")
         assert "text frame" in other.recv()
+        with pytest.raises(ConnectionClosed) as closed:
+            other.recv()
+        assert closed.value.rcvd.code == 1003
     assert _wait_for(lambda: not server.server.sessions)
 
 

@@ -13,9 +13,16 @@ from kvla.methods.history_base import HistoryContext, HistoryMethod
 from kvla.model.history import (
     HistoryConfig, HistoryLayout, block_kinds, frame_embeddings, query_embeddings,
 )
-from kvla.model.inputs import check_step_inputs
+from kvla.model.inputs import InputError, check_step_inputs
 from kvla.model.vla import VLAModel
 from kvla.policy import synchronized_clock
+
+
+class InstructionChangedError(HistoryError, InputError):
+    """A history episode's instruction changed: the input is refused and the episode kept."""
+
+    def __init__(self, field: str, message: str):
+        InputError.__init__(self, field, message)
 
 
 @dataclass
@@ -81,7 +88,8 @@ class HistoryVLAPolicy:
         if state.text_ids is None:
             state.text_ids = text_ids.detach().cpu().clone()
         elif not torch.equal(state.text_ids, text_ids.detach().cpu()):
-            raise HistoryError("the instruction changed within an episode: call reset() for a new episode")
+            raise InstructionChangedError("text_ids", "the instruction changed within an episode: call reset() for a "
+                                                      "new episode")
         attended = state.num_entries
         block = torch.cat([frame, query_embeddings(model, text_ids).to(frame.dtype)], dim=1)
         kinds, frames = block_kinds(layout, state.step)

@@ -251,8 +251,6 @@ class PolicyServer:
             session.state.reset()  # free the cache now, not when the last reference goes
 
     async def _run(self, session: Session, observation) -> dict:
-        from kvla.engine.history import HistoryError
-
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending.add(future)
@@ -261,7 +259,7 @@ class PolicyServer:
         try:
             await self._queue.put(_Request(session, observation, future, time.perf_counter()))
             response = await future
-        except (InputError, HistoryError) as error:  # e.g. a changed instruction within a history episode
+        except InputError as error:  # e.g. a changed instruction within a history episode: nothing was stepped
             raise StepRefused(f"{error} (send reset=True to start a new episode)") from None
         except Exception as error:
             log.error("step failed for session %d: %r", session.number, error)
