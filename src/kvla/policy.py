@@ -63,6 +63,12 @@ class CachedVLAPolicy:
     def _sync(self) -> float:
         return synchronized_clock(self.engine.device)
 
+    def _action_tokens(self, result, state: EpisodeState) -> torch.Tensor:
+        """The prefill's action tokens: all at once (parallel layout) or decoded greedily."""
+        if self.model.layout.parallel:
+            return result.logits.argmax(-1)
+        return self.engine.decode_greedy(result.logits[:, -1], self.model.layout, state)
+
     @torch.no_grad()
     def step(self, images: torch.Tensor, text_ids: torch.Tensor, proprio: torch.Tensor | None = None) -> StepOutput:
         model, engine, layout = self.model, self.engine, self.model.layout
@@ -78,10 +84,7 @@ class CachedVLAPolicy:
         after_select = self._sync()
         result = engine.prefill(embeds, layout, plan, self.state, visual_patches=patches)
         after_prefill = self._sync()
-        if layout.parallel:
-            tokens = result.logits.argmax(-1)
-        else:
-            tokens = engine.decode_greedy(result.logits[:, -1], layout, self.state)
+        tokens = self._action_tokens(result, self.state)
         end = self._sync()
         return StepOutput(
             action_tokens=tokens, actions=model.tokens_to_actions(tokens), logits=result.logits,
@@ -132,10 +135,7 @@ class CachedVLAPolicy:
             begin = self._sync()
             result = engine.prefill(embeds[index], layout, plan, merged, visual_patches=patches[index.to(patches.device)])
             after_prefill = self._sync()
-            if layout.parallel:
-                tokens = result.logits.argmax(-1)
-            else:
-                tokens = engine.decode_greedy(result.logits[:, -1], layout, merged)
+            tokens = self._action_tokens(result, merged)
             end = self._sync()
             scatter_episodes(merged, group_states, collected_relevance=result.relevance is not None,
                              collected_entropy=result.layer_entropy is not None)
@@ -148,7 +148,7 @@ class CachedVLAPolicy:
                     action_tokens=tokens[row:row + 1], actions=actions[row:row + 1], logits=result.logits[row:row + 1],
                     vision_ms=(after_vision - start) * 1e3, select_ms=(after_select - after_vision) * 1e3,
                     prefill_ms=0.0, decode_ms=0.0,
-                    reuse_ratio=1.0 - depth.float().sum().item() / max(depth.numel() * engine.num_layers, 1),
+                    reuse_ratio=result.reuse_ratio(engine.num_layers, slice(row, row + 1)),
                     computed_tokens=result.computed_tokens, statistic_rows=result.statistic_rows,
                     visual_depth=depth, notes=plans[i].notes)
         for output in outputs:  # the batch's prefill and decoding time is every sample's wait

@@ -35,9 +35,11 @@ class PrefillResult:
     pruned: torch.Tensor | None  # [B, V] bool, visual tokens dropped by a pruning plan
     visual_depth: torch.Tensor  # [B, V] layers each visual token was actually computed in
 
-    def reuse_ratio(self, num_layers: int) -> float:
-        """Fraction of visual (token, layer) computations skipped (reused, or pruned)."""
-        return 1.0 - self.visual_depth.float().sum().item() / (self.visual_depth.numel() * num_layers)
+    def reuse_ratio(self, num_layers: int, rows: slice = slice(None)) -> float:
+        """Fraction of visual (token, layer) computations skipped (reused, or pruned), over the
+        batch or the samples `rows`."""
+        depth = self.visual_depth[rows]
+        return 1.0 - depth.float().sum().item() / max(depth.numel() * num_layers, 1)
 
 
 def _gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
