@@ -413,3 +413,133 @@ def test_shutdown_is_bounded_when_a_step_hangs(tokenizer):
             assert isinstance(answer, str) and "internal error" in answer
     finally:
         release.set()
+
+
+def test_a_bfloat16_server_answers_what_a_bfloat16_policy_gives(tmp_path):
+    """--dtype bfloat16: the served model is the checkpoint cast as asked, published in the metadata,
+    and its actions are the in-process bfloat16 policy's."""
+    from test_testbed import INSTRUCTIONS as TESTBED_INSTRUCTIONS, _tiny_reference
+
+    from kvla.model.reference import checkpoint_cameras
+    from kvla.serve.server import build_server
+
+    model, tokenizer = _tiny_reference()
+    model.save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    server = BackgroundServer(build_server(tmp_path, "vla_cache", ServeSettings(port=0), dtype="bfloat16"))
+    cameras = checkpoint_cameras(tmp_path)
+    rng = np.random.default_rng(0)
+    side = model.config.image_size
+    frames = [rng.integers(0, 256, (len(cameras), side, side, 3), dtype=np.uint8) for _ in range(3)]
+    frames[1][:, :8] = frames[0][:, :8]  # part of the scene stays put, so something is reused
+    prompt = TESTBED_INSTRUCTIONS[0]
+    proprio = rng.standard_normal(model.config.proprio_dim).astype(np.float32) if model.config.proprio_dim else None
+    extra = {"proprio": proprio} if proprio is not None else {}
+    try:
+        with connect(server.uri, compression=None, max_size=None) as robot:
+            metadata = unpack(robot.recv())
+            assert metadata["dtype"] == "bfloat16" and metadata["device"] == "cpu"
+            served = []
+            for frame in frames:
+                robot.send(pack({"images": dict(zip(cameras, frame)), "prompt": prompt, **extra}))
+                served.append(unpack(robot.recv())["action_tokens"])
+    finally:
+        server.stop()
+    alone = CachedVLAPolicy(VLAModel.from_pretrained(tmp_path).to(dtype=torch.bfloat16).eval(), "vla_cache")
+    assert alone.engine.dtype == torch.bfloat16
+    for frame, tokens in zip(frames, served):
+        out = alone.step(torch.from_numpy(frame)[None], tokenizer.encode_batch([prompt]),
+                         torch.from_numpy(proprio)[None] if proprio is not None else None)
+        np.testing.assert_array_equal(tokens, out.action_tokens[0].numpy())
+
+
+def test_bad_device_or_dtype_is_refused_by_name(tmp_path):
+    from test_testbed import _tiny_reference
+
+    from kvla.serve.server import build_server
+
+    model, tokenizer = _tiny_reference()
+    model.save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16"):
+        build_server(tmp_path, "full", ServeSettings(port=0), dtype="float16")
+    with pytest.raises(ValueError, match="not a torch device"):
+        build_server(tmp_path, "full", ServeSettings(port=0), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            build_server(tmp_path, "full", ServeSettings(port=0), device="cuda")
+
+
+def test_fuzzed_messages_through_a_live_server_are_answered_refused_or_closed_never_a_crash(tokenizer):
+    """Hypothesis drives one robot with random bytes, random observation maps and good observations;
+    every reply is actions, a refusal naming the field, or a clean close with a protocol code, and a
+    second robot stepping between them gets exactly what it gets alone."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from test_serve_schema import _values
+
+    model, schema = _model_and_schema(tokenizer)
+    server = serving(CachedVLAPolicy(model, "vla_cache"), schema)
+    frames, proprio = _frames(seed=7, steps=1)
+    good = pack(_observation(frames[0], proprio[0]))
+    keys = st.sampled_from(["images", "prompt", "text_ids", "proprio", "reset", "other"])
+    observations = st.tuples(st.dictionaries(keys, _values(), max_size=5), st.booleans())
+    messages = st.one_of(st.binary(max_size=256).map(lambda b: ("bytes", b)),
+                         observations.map(lambda o: ("map", o)), st.just(("good", good)))
+    alone = CachedVLAPolicy(model, "vla_cache").step(torch.from_numpy(frames[0])[None],
+                                                      tokenizer.encode_batch([INSTRUCTIONS[0]]),
+                                                      torch.from_numpy(proprio[0]).float()[None])
+    expected_tokens = alone.action_tokens[0].numpy()
+    sockets = {}
+    closes = []
+
+    def robot():
+        if "robot" not in sockets:
+            sockets["robot"] = connect(server.uri, compression=None, max_size=None)
+            assert "observation" in unpack(sockets["robot"].recv())
+        return sockets["robot"]
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(messages)
+    def check(message):
+        kind, payload = message
+        if kind == "map":
+            observation, with_good_images = payload
+            if with_good_images:
+                observation["images"] = {c: np.zeros((32, 32, 3), np.uint8) for c in CAMERAS}
+            try:
+                payload = pack(observation)
+            except ValueError:
+                return  # not sendable in the first place; the codec has its own tests
+        socket = robot()
+        socket.send(payload)
+        try:
+            reply = socket.recv(timeout=30)
+        except ConnectionClosed as closed:
+            closes.append(closed.rcvd.code)
+            sockets.pop("robot").close()
+            return
+        if isinstance(reply, bytes):
+            assert unpack(reply)["actions"].shape == (model.config.action_chunk, model.config.action_dim)
+        else:
+            assert reply.startswith(("observation refused: ", "malformed message: ")) and len(reply) > 25, reply
+            if reply.startswith("malformed message"):
+                with pytest.raises(ConnectionClosed) as closed:
+                    socket.recv(timeout=30)
+                closes.append(closed.value.rcvd.code)
+                sockets.pop("robot").close()
+        # a second robot's fresh episode is untouched by whatever the first one sent
+        with connect(server.uri, compression=None, max_size=None) as witness:
+            unpack(witness.recv())
+            witness.send(good)
+            np.testing.assert_array_equal(unpack(witness.recv())["action_tokens"], expected_tokens)
+
+    try:
+        check()
+        assert set(closes) <= {1007, 1009}, closes
+        health = urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10).read()
+        assert b'"status": "ok"' in health
+    finally:
+        for socket in sockets.values():
+            socket.close()
+        server.stop()

@@ -405,6 +405,8 @@ def serve_command(
     max_wait_ms: float = typer.Option(2.0, help="How long a step waits for more robots' requests to join it."),
     shutdown_timeout: float = typer.Option(30.0, help="On SIGTERM, seconds to finish the steps in flight before "
                                                       "answering them with an error."),
+    device: str = typer.Option("cpu", help="Where the model runs: cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("float32", help="float32 or bfloat16."),
     threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
 ):
     """A policy server in openpi's protocol: robot code using openpi-client talks to it unchanged."""
@@ -433,9 +435,10 @@ def serve_command(
     if max_batch < 1 or max_wait_ms < 0:
         raise typer.BadParameter("--max-batch must be >= 1 and --max-wait-ms >= 0", param_hint="--max-batch")
     try:
-        server = build_server(checkpoint, method, settings, max_image_side=max_image_side)
+        server = build_server(checkpoint, method, settings, max_image_side=max_image_side, device=device, dtype=dtype)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--method") from None
+        hint = "--dtype" if "dtype" in str(error) else "--device" if "device" in str(error) else "--method"
+        raise typer.BadParameter(str(error), param_hint=hint) from None
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_until_signalled(server)
 

@@ -313,21 +313,34 @@ class StepFailed(Exception):
     """The step failed inside the server; the session's episode was reset."""
 
 
-def build_server(checkpoint, method: str, settings: ServeSettings, max_image_side: int = 1024) -> PolicyServer:
-    """A server for a trained checkpoint (single-frame or history VLA) and one method."""
+def build_server(checkpoint, method: str, settings: ServeSettings, max_image_side: int = 1024,
+                 device: str = "cpu", dtype: str = "float32") -> PolicyServer:
+    """A server for a trained checkpoint (single-frame or history VLA) and one method, its model on
+    `device` in `dtype` (float32 or bfloat16)."""
     import dataclasses
+
+    import torch
 
     from kvla.model.reference import InstructionTokenizer, checkpoint_cameras
     from kvla.model.vla import VLAModel
     from kvla.testbed.evaluate import make_policies
 
-    model = VLAModel.from_pretrained(checkpoint).eval()
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, not {dtype!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a torch device: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for, but CUDA is not available on this machine")
+    model = VLAModel.from_pretrained(checkpoint).to(device=device, dtype=dtypes[dtype]).eval()
     policy = make_policies(checkpoint, model, [method])[0]
     schema = ObservationSchema(model.config, checkpoint_cameras(checkpoint), InstructionTokenizer.load(checkpoint),
                                max_image_side=max_image_side)
     metadata = {"server": "kvla", "protocol": "openpi websocket, msgpack-numpy", "checkpoint": str(checkpoint),
                 "method": policy.method.name, "method_settings": dataclasses.asdict(policy.method),
-                "model": dataclasses.asdict(model.config),
+                "model": dataclasses.asdict(model.config), "device": str(device), "dtype": dtype,
                 "action": {"shape": [model.config.action_chunk, model.config.action_dim], "dtype": "float32",
                            "range": [-1.0, 1.0]},
                 # a history VLA sees a frame every frame_stride env steps: execute that many actions of a chunk
