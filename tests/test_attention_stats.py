@@ -15,12 +15,7 @@ def test_relevance_and_entropy_match_eager_attention(family):
     plan = ReusePlan.full(2, layout, 3, relevance_layers=(0, 2), collect_entropy=True)
     result = engine.prefill(embeds, layout, plan, state)
 
-    lm.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            maps = lm(inputs_embeds=embeds, output_attentions=True).attentions
-    finally:
-        lm.set_attn_implementation("sdpa")
+    maps = _eager_attentions(lm, embeds)
     text, visual = slice(*layout.text_span), slice(1, 13)
     expected = torch.stack([maps[l][:, :, text, visual].mean(dim=(1, 2)) for l in (0, 2)]).mean(0)
     assert (result.relevance - expected).abs().max() < 1e-6
@@ -38,12 +33,13 @@ def test_no_statistics_unless_asked():
 
 
 def _eager_attentions(lm, embeds):
+    previous = lm.config._attn_implementation
     lm.set_attn_implementation("eager")
     try:
         with torch.no_grad():
             return lm(inputs_embeds=embeds, output_attentions=True).attentions
     finally:
-        lm.set_attn_implementation("sdpa")
+        lm.set_attn_implementation(previous)
 
 
 @pytest.mark.parametrize("parallel", [False, True], ids=["autoregressive", "parallel"])

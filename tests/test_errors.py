@@ -4,7 +4,7 @@ import re
 
 import pytest
 import torch
-from transformers import Gemma2Config, Gemma2ForCausalLM
+from transformers import OlmoConfig, OlmoForCausalLM
 
 from conftest import make_lm
 from kvla import EpisodeState, LayoutError, PartialPrefillEngine, PlanError, ReusePlan, TokenLayout
@@ -71,10 +71,10 @@ def test_pruning_plan_cannot_collect_entropy(engine):
 
 
 def test_unsupported_model_family():
-    config = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, head_dim=16, vocab_size=300)
-    with pytest.raises(UnsupportedModelError, match="unsupported model family 'gemma2'"):
-        PartialPrefillEngine(Gemma2ForCausalLM(config))
+    config = OlmoConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=300)
+    with pytest.raises(UnsupportedModelError, match="unsupported model family 'olmo'"):
+        PartialPrefillEngine(OlmoForCausalLM(config))
 
 
 def test_step_after_reset_without_a_full_first_frame(engine):

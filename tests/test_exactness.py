@@ -1,5 +1,6 @@
 """Every accelerated path against the plain model's own forward and generate."""
 
+import sys
 import warnings
 
 import pytest
@@ -8,9 +9,9 @@ from hypothesis import strategies as st
 import torch
 from packaging.version import Version
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from conftest import make_lm
+from conftest import FAMILIES, make_lm
 from kvla import EpisodeState, PartialPrefillEngine, ReusePlan, TokenLayout
 from kvla.engine.compat import UnsupportedModelError, cache_argument_name, transformers_version
 
@@ -62,7 +63,9 @@ def test_empty_plan_and_full_reuse_match_the_model(family, batch, parallel):
 
 class _SwapInOldKV:
     """Independent reference: a full forward whose attention, for the planned tokens and layers,
-    uses the K/V of the previous frame instead of the fresh ones."""
+    uses the K/V of the previous frame instead of the fresh ones. The attention proper is the
+    family's own eager function with the mask the model built for the layer (its window, its
+    soft-cap), so that nothing of kvla's own masks or maths enters the reference."""
 
     def __init__(self, old_cache, layer_depth):
         self.old_cache, self.layer_depth = old_cache, layer_depth  # layer_depth [B, S]
@@ -72,23 +75,47 @@ class _SwapInOldKV:
         reused = (self.layer_depth <= layer)[:, None, :, None]  # [B, 1, S, 1]
         old_k, old_v = self.old_cache.layers[layer].keys, self.old_cache.layers[layer].values
         key, value = torch.where(reused, old_k, key), torch.where(reused, old_v, value)
-        return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+class _CaptureKV:
+    """Records each layer's full fresh K/V (post-RoPE) in a plain forward; sliding-window caches of
+    some families keep only the last window, so the model's own cache cannot serve as the old K/V."""
+
+    def __init__(self):
+        self.layers = {}
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        from types import SimpleNamespace
+
+        self.layers[module.layer_idx] = SimpleNamespace(keys=key, values=value)
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+
+def _with_attention(lm, name, function, run):
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, eager_mask)  # always a full additive mask
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation(name)
+    try:
+        with torch.no_grad():
+            return run()
+    finally:
+        lm.set_attn_implementation(previous)
 
 
 def _reference_with_old_kv(lm, previous, current, visual_depth):
     """Last-position logits of a full forward of `current` in which each visual token's K/V comes
     from the forward of `previous` in the layers at and above its depth."""
     batch, seq_len, _ = current.shape
-    with torch.no_grad():
-        old = lm(inputs_embeds=previous, use_cache=True).past_key_values
-        full_depth = torch.full((batch, seq_len), lm.config.num_hidden_layers)
-        full_depth[:, 1:1 + NUM_VISUAL] = visual_depth
-        AttentionInterface.register("kvla_test_swap", _SwapInOldKV(old, full_depth))
-        lm.set_attn_implementation("kvla_test_swap")
-        try:
-            return lm(inputs_embeds=current).logits[:, -1]
-        finally:
-            lm.set_attn_implementation("sdpa")
+    old = _CaptureKV()
+    _with_attention(lm, "kvla_test_capture", old, lambda: lm(inputs_embeds=previous))
+    full_depth = torch.full((batch, seq_len), lm.config.num_hidden_layers)
+    full_depth[:, 1:1 + NUM_VISUAL] = visual_depth
+    return _with_attention(lm, "kvla_test_swap", _SwapInOldKV(old, full_depth),
+                           lambda: lm(inputs_embeds=current).logits[:, -1])
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -146,7 +173,7 @@ _MODELS = {}
 
 
 @settings(max_examples=25, deadline=None)
-@given(family=st.sampled_from(["llama", "qwen2", "gemma"]), batch=st.integers(1, 3), data=st.data())
+@given(family=st.sampled_from(sorted(FAMILIES)), batch=st.integers(1, 3), data=st.data())
 def test_any_plan_matches_the_reference(family, batch, data):
     """Property: for any per-sample depths, the engine equals the swap-in-old-K/V reference."""
     if family not in _MODELS:

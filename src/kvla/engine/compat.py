@@ -21,13 +21,66 @@ from packaging.version import Version
 from transformers.cache_utils import Cache, DynamicLayer
 
 MIN_TRANSFORMERS = Version("5.0.0")
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Where one decoder family's attention maths differs from Llama's: the only places kvla does
+    the model's maths itself (the layer mask, RoPE per layer, the query that attention statistics
+    recompute, the head). Everything else runs in the model's own layer modules.
+
+    query: "q_proj", or "fused_qkv" (the query is the first heads*head_dim rows of `qkv_proj`).
+    qk_norm: the layer applies `q_norm` / `k_norm` over head_dim before RoPE.
+    attn_softcap_attr: the config attribute of a soft-cap the layer applies to the attention logits
+        (tanh(s / cap) * cap, before the mask). Only eager attention applies it.
+    final_softcap_attr: the config attribute of a soft-cap applied to the output logits.
+    windows: which layers attend through a sliding window: none; those whose `layer_types` entry is
+        "sliding_attention"; or all layers when `config.sliding_window` is set.
+    rope: "shared" (one rotary embedding for every layer) or "per_layer_type" (one per layer type,
+        e.g. Gemma 3's local and global layers with different base frequencies).
+    refuse: (config attribute, value, feature named in the error) of configurations kvla does not drive.
+    """
+
+    query: str = "q_proj"
+    qk_norm: bool = False
+    attn_softcap_attr: str | None = None
+    final_softcap_attr: str | None = None
+    windows: str = "none"
+    rope: str = "shared"
+    refuse: tuple[tuple[str, object, str], ...] = ()
+
+    @property
+    def required_attention_attrs(self) -> tuple[str, ...]:
+        projections = ("qkv_proj",) if self.query == "fused_qkv" else ("q_proj", "k_proj", "v_proj")
+        norms = ("q_norm", "k_norm") if self.qk_norm else ()
+        return projections + norms + ("o_proj", "head_dim", "scaling", "layer_idx")
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": FamilySpec(),
+    "qwen2": FamilySpec(windows="layer_types"),
+    "gemma": FamilySpec(),
+    "mistral": FamilySpec(windows="all_layers"),
+    "qwen3": FamilySpec(qk_norm=True, windows="layer_types"),
+    "phi3": FamilySpec(query="fused_qkv", windows="all_layers"),
+    "gemma2": FamilySpec(attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping",
+                         windows="layer_types"),
+    # Gemma 3 stores attn_logit_softcapping but its layers never apply it, so neither does kvla
+    "gemma3_text": FamilySpec(qk_norm=True, final_softcap_attr="final_logit_softcapping", windows="layer_types",
+                              rope="per_layer_type",
+                              refuse=(("use_bidirectional_attention", True, "Gemma 3 bidirectional attention"),)),
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+# Attention implementations that honour kvla's explicit additive mask (flash kernels ignore it).
+SUPPORTED_ATTENTION = ("eager", "sdpa")
+# Rope types whose frequencies do not depend on the sequence length seen so far.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 # What kvla reads from a causal LM; checked before anything runs.
 _REQUIRED_MODEL_ATTRS = ("model", "lm_head")
 _REQUIRED_BACKBONE_ATTRS = ("layers", "norm", "rotary_emb", "embed_tokens")
 _REQUIRED_LAYER_ATTRS = ("self_attn", "input_layernorm", "mlp")
-_REQUIRED_ATTENTION_ATTRS = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "layer_idx")
 
 
 class UnsupportedModelError(ValueError):
@@ -40,7 +93,8 @@ def transformers_version() -> Version:
 
 @dataclass(frozen=True)
 class DecoderParts:
-    """The pieces of a Hugging Face causal LM that kvla's layer loop drives."""
+    """The pieces of a Hugging Face causal LM that kvla's layer loop drives, and the per-layer facts
+    of its family (declared in FAMILIES, derived once from the config)."""
 
     layers: torch.nn.ModuleList
     final_norm: torch.nn.Module
@@ -51,6 +105,68 @@ class DecoderParts:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    model_type: str = "llama"
+    family: FamilySpec = FamilySpec()
+    layer_windows: tuple[int | None, ...] = ()  # per layer: sliding window (keys within W positions) or None
+    layer_rope_keys: tuple[str | None, ...] = ()  # per layer: which rotary embedding it uses
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """The distinct windows of the layers (None: full attention)."""
+        return tuple(dict.fromkeys(self.layer_windows))
+
+
+def _layer_windows(config, spec: FamilySpec, num_layers: int, model_type: str) -> tuple[int | None, ...]:
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    unknown = sorted(set(layer_types) - set(_LAYER_TYPES))
+    if unknown:
+        raise UnsupportedModelError(f"{model_type} model has attention layer types {unknown}: kvla supports "
+                                    f"{', '.join(_LAYER_TYPES)}")
+    window = getattr(config, "sliding_window", None)
+    if spec.windows == "all_layers":
+        if layer_types and any(kind != "full_attention" for kind in layer_types):
+            raise UnsupportedModelError(f"{model_type} declares its window by config.sliding_window on every layer; "
+                                        "per-layer layer_types are not supported for it")
+        return (window,) * num_layers
+    if spec.windows == "layer_types":
+        if len(layer_types) not in (0, num_layers):
+            raise UnsupportedModelError(f"{model_type} config has {len(layer_types)} layer_types for {num_layers} layers")
+        windows = tuple(window if kind == "sliding_attention" else None for kind in layer_types or ["full_attention"] * num_layers)
+        if any(kind == "sliding_attention" for kind in layer_types) and not window:
+            raise UnsupportedModelError(f"{model_type} has sliding_attention layers but no config.sliding_window")
+        return windows
+    if any(kind != "full_attention" for kind in layer_types):
+        raise UnsupportedModelError(f"{model_type} model has sliding-window layers, which kvla does not drive for "
+                                    "this family: disable sliding windows")
+    return (None,) * num_layers
+
+
+def _check_config(config, spec: FamilySpec, model_type: str) -> None:
+    for attr, value, feature in spec.refuse:
+        if getattr(config, attr, None) == value:
+            raise UnsupportedModelError(f"{feature} ({attr}={value!r}) is not supported by kvla")
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in SUPPORTED_ATTENTION:
+        raise UnsupportedModelError(
+            f"attention implementation {implementation!r} ignores the explicit mask kvla passes; call "
+            f"model.set_attn_implementation('sdpa') (or 'eager') first")
+    cap = getattr(config, spec.attn_softcap_attr, None) if spec.attn_softcap_attr else None
+    if cap is not None and implementation != "eager":
+        raise UnsupportedModelError(
+            f"{model_type} soft-caps its attention logits ({spec.attn_softcap_attr}={cap}), which only eager "
+            f"attention applies ({implementation} drops it on some transformers versions): call "
+            "model.set_attn_implementation('eager') first")
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and "rope_type" not in rope and rope:  # per layer type (Gemma 3)
+        rope_types = {entry.get("rope_type", "default") for entry in rope.values() if isinstance(entry, dict)}
+    else:
+        rope_types = {rope.get("rope_type", "default")} if isinstance(rope, dict) else {"default"}
+    unsupported = sorted(rope_types - set(SUPPORTED_ROPE_TYPES))
+    if unsupported:
+        raise UnsupportedModelError(f"rope type {unsupported} depends on the sequence length seen so far; kvla "
+                                    f"supports {', '.join(SUPPORTED_ROPE_TYPES)}")
 
 
 def decoder_parts(causal_lm: torch.nn.Module) -> DecoderParts:
@@ -64,16 +180,12 @@ def decoder_parts(causal_lm: torch.nn.Module) -> DecoderParts:
         )
     config = getattr(causal_lm, "config", None)
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in FAMILIES:
         raise UnsupportedModelError(
             f"unsupported model family {model_type!r}: kvla supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        raise UnsupportedModelError(
-            f"{model_type} model has non-full attention layers {sorted(set(layer_types))}: "
-            "kvla supports full causal attention only (disable sliding windows)"
-        )
+    spec = FAMILIES[model_type]
+    _check_config(config, spec, model_type)
     for attr in _REQUIRED_MODEL_ATTRS:
         if not hasattr(causal_lm, attr):
             raise UnsupportedModelError(f"{type(causal_lm).__name__} has no attribute {attr!r}")
@@ -85,7 +197,7 @@ def decoder_parts(causal_lm: torch.nn.Module) -> DecoderParts:
     for attr in _REQUIRED_LAYER_ATTRS:
         if not hasattr(first, attr):
             raise UnsupportedModelError(f"{type(first).__name__} has no attribute {attr!r}")
-    for attr in _REQUIRED_ATTENTION_ATTRS:
+    for attr in spec.required_attention_attrs:
         if not hasattr(first.self_attn, attr):
             raise UnsupportedModelError(f"{type(first.self_attn).__name__} has no attribute {attr!r}")
     # The rotary helper sits in the family's modeling module; it is the same function the
@@ -94,7 +206,16 @@ def decoder_parts(causal_lm: torch.nn.Module) -> DecoderParts:
     apply_rotary = getattr(modeling_module, "apply_rotary_pos_emb", None)
     if apply_rotary is None:
         raise UnsupportedModelError(f"{modeling_module.__name__} has no apply_rotary_pos_emb")
-    head_dim = first.self_attn.head_dim
+    num_layers = len(backbone.layers)
+    if spec.rope == "per_layer_type":
+        if "layer_type" not in inspect.signature(backbone.rotary_emb.forward).parameters:
+            raise UnsupportedModelError(f"{type(backbone.rotary_emb).__name__} takes no layer_type (transformers "
+                                        f"{transformers.__version__}); kvla cannot pick each layer's RoPE")
+        rope_keys = tuple(config.layer_types)
+    else:
+        rope_keys = (None,) * num_layers
+    softcap = getattr(config, spec.attn_softcap_attr, None) if spec.attn_softcap_attr else None
+    final_softcap = getattr(config, spec.final_softcap_attr, None) if spec.final_softcap_attr else None
     return DecoderParts(
         layers=backbone.layers,
         final_norm=backbone.norm,
@@ -104,8 +225,54 @@ def decoder_parts(causal_lm: torch.nn.Module) -> DecoderParts:
         apply_rotary=apply_rotary,
         num_heads=config.num_attention_heads,
         num_kv_heads=config.num_key_value_heads,
-        head_dim=head_dim,
+        head_dim=first.self_attn.head_dim,
+        model_type=model_type,
+        family=spec,
+        layer_windows=_layer_windows(config, spec, num_layers, model_type),
+        layer_rope_keys=rope_keys,
+        attn_softcap=softcap,
+        final_softcap=final_softcap,
     )
+
+
+def rotary_embeddings(parts: DecoderParts, hidden: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """{rope key: (cos, sin)} for the rows at `position_ids`, one entry per distinct key of the layers."""
+    if parts.family.rope == "per_layer_type":
+        return {key: parts.rotary_embedding(hidden, position_ids, key) for key in dict.fromkeys(parts.layer_rope_keys)}
+    return {None: parts.rotary_embedding(hidden, position_ids=position_ids)}
+
+
+def query_states(parts: DecoderParts, attn: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
+    """The layer's queries [B, heads, rows, head_dim] before RoPE, as its own forward computes them."""
+    batch, rows, _ = normed.shape
+    if parts.family.query == "fused_qkv":
+        query = torch.nn.functional.linear(normed, attn.qkv_proj.weight[: parts.num_heads * parts.head_dim])
+    else:
+        query = attn.q_proj(normed)
+    query = query.view(batch, rows, -1, parts.head_dim)
+    if parts.family.qk_norm:
+        query = attn.q_norm(query)
+    return query.transpose(1, 2)
+
+
+def attention_logits(parts: DecoderParts, scores: torch.Tensor) -> torch.Tensor:
+    """Scaled scores -> the logits the layer adds its mask to (the soft-cap where the layer applies one)."""
+    if parts.attn_softcap is not None:
+        scores = torch.tanh(scores / parts.attn_softcap) * parts.attn_softcap
+    return scores
+
+
+def output_logits(parts: DecoderParts, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm, head and the family's final soft-cap, as the causal LM's forward applies them."""
+    return head_logits(parts, parts.final_norm(hidden))
+
+
+def head_logits(parts: DecoderParts, normed: torch.Tensor) -> torch.Tensor:
+    """The head and the family's final soft-cap on final-norm hidden states."""
+    logits = parts.lm_head(normed)
+    if parts.final_softcap is not None:
+        logits = torch.tanh(logits / parts.final_softcap) * parts.final_softcap
+    return logits
 
 
 def make_cache(layers: list[DynamicLayer]) -> Cache:

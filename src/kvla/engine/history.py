@@ -172,6 +172,9 @@ class HistoryEngine:
         self.causal_lm = causal_lm
         self.parts = compat.decoder_parts(causal_lm)
         self.num_layers = len(self.parts.layers)
+        # a history attends across frames by its own masks; a sliding window would cut them silently
+        windows = [w for w in self.parts.layer_windows if w is not None]
+        self.max_entries = min(windows) if windows else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -191,14 +194,19 @@ class HistoryEngine:
         if mask.dtype == torch.bool:  # additive, as every attention implementation reads it
             dtype = attention_dtype(embeds.device, self.dtype)
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-        cos, sin = self.parts.rotary_embedding(embeds, position_ids=positions)
+        if self.max_entries is not None and int(positions.max()) >= self.max_entries:
+            raise HistoryError(
+                f"this {self.parts.model_type} model attends through a sliding window of {self.max_entries} positions, "
+                f"and the history reaches position {int(positions.max())}: the window would silently cut the history "
+                "(a shorter history, or a model without sliding windows)")
+        rope = compat.rotary_embeddings(self.parts, embeds, positions)
         hidden = embeds
-        for layer in self.parts.layers:
-            hidden = compat.call_decoder_layer(layer, hidden, mask, positions, cache, (cos, sin))
+        for index, layer in enumerate(self.parts.layers):
+            hidden = compat.call_decoder_layer(layer, hidden, mask, positions, cache, rope[self.parts.layer_rope_keys[index]])
         return self.parts.final_norm(hidden)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.parts.lm_head(hidden)
+        return compat.head_logits(self.parts, hidden)
 
     @torch.no_grad()
     def extend(self, state: HistoryState, embeds: torch.Tensor, positions: torch.Tensor, kinds: torch.Tensor,

@@ -86,11 +86,12 @@ def mixed_reuse_forward(engine, embeds: torch.Tensor, layout: TokenLayout,
     layers = [MixedKVLayer(None if cached is None else cached[i], weight) for i in range(engine.num_layers)]
     cache = compat.make_cache(layers)
     positions = torch.arange(seq_len, device=embeds.device).expand(batch, -1)
-    mask = engine._causal_mask(positions, seq_len, seq_len)
-    cos, sin = parts.rotary_embedding(embeds, position_ids=positions)
+    masks = engine._layer_masks(positions, seq_len, seq_len)
+    rope = compat.rotary_embeddings(parts, embeds, positions)
     hidden = embeds
-    for layer in parts.layers:
-        hidden = compat.call_decoder_layer(layer, hidden, mask, positions, cache, (cos, sin))
+    for index, layer in enumerate(parts.layers):
+        hidden = compat.call_decoder_layer(layer, hidden, masks[parts.layer_windows[index]], positions, cache,
+                                           rope[parts.layer_rope_keys[index]])
     outputs = hidden[:, layout.output_positions.to(embeds.device)]
-    logits = parts.lm_head(parts.final_norm(outputs)).float()
+    logits = compat.output_logits(parts, outputs).float()
     return MixedForward(logits=logits, kv=[layer.fresh for layer in layers])

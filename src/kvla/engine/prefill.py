@@ -60,7 +60,7 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class PartialPrefillEngine:
-    """Drives a Hugging Face Llama / Qwen2 / Gemma causal LM with per-layer reuse plans."""
+    """Drives a Hugging Face causal LM of a family in compat.FAMILIES with per-layer reuse plans."""
 
     def __init__(self, causal_lm: torch.nn.Module):
         self.causal_lm = causal_lm
@@ -118,31 +118,40 @@ class PartialPrefillEngine:
             if (reused & ~state.kv_complete).any():
                 raise PlanError("the plan reuses visual tokens whose cached K/V is incomplete (pruned earlier)")
 
-    def _causal_mask(self, row_positions: torch.Tensor, num_slots: int, prompt_len: int) -> torch.Tensor:
-        """Additive mask [B, 1, rows, slots]: a row sees prompt slots at or before its position."""
+    def _causal_mask(self, row_positions: torch.Tensor, num_slots: int, prompt_len: int,
+                     window: int | None = None) -> torch.Tensor:
+        """Additive mask [B, 1, rows, slots]: a row sees prompt slots at or before its position (and,
+        with a sliding window, fewer than `window` positions before it)."""
         slots = torch.arange(num_slots, device=row_positions.device)
         allowed = (slots[None, None, :] <= row_positions[:, :, None]) & (slots < prompt_len)[None, None, :]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=row_positions.device)
+        if window is not None:
+            allowed &= slots[None, None, :] > row_positions[:, :, None] - window
+        return self._additive(allowed)[:, None]
+
+    def _layer_masks(self, row_positions: torch.Tensor, num_slots: int, prompt_len: int) -> dict:
+        """{window: mask} for every distinct window of the layers (None: full attention)."""
+        return {window: self._causal_mask(row_positions, num_slots, prompt_len, window) for window in self.parts.windows}
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return mask[:, None]
+        return mask
 
     def _attention_probs(self, layer, layer_input: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                          keys: torch.Tensor, mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Softmax attention [B, H, len(index), slots] of the rows `index` ([B, n] into the layer's
         rows), recomputed from the layer input.
 
-        The same projections and rotary function the layer itself applies; only these rows.
+        The same projections, norms, rotary function and soft-cap the layer itself applies; only these rows.
         """
         rows_in, cos, sin = (_gather_rows(t, index) for t in (layer_input, cos, sin))
         mask = mask.gather(2, index[:, None, :, None].expand(-1, mask.shape[1], -1, mask.shape[-1]))
         attn = layer.self_attn
-        batch, rows, _ = rows_in.shape
-        normed = layer.input_layernorm(rows_in)
-        query = attn.q_proj(normed).view(batch, rows, -1, attn.head_dim).transpose(1, 2)
+        query = compat.query_states(self.parts, attn, layer.input_layernorm(rows_in))
         query, _ = self.parts.apply_rotary(query, query, cos, sin)
         keys = _repeat_kv(keys, self.parts.num_heads // self.parts.num_kv_heads)
-        scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * attn.scaling + mask.float()
-        return torch.softmax(scores, dim=-1)
+        scores = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * attn.scaling
+        return torch.softmax(compat.attention_logits(self.parts, scores) + mask.float(), dim=-1)
 
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
@@ -181,8 +190,8 @@ class PartialPrefillEngine:
 
         rows = order[:, : rows_per_layer[0]]
         hidden = embeds.gather(1, rows[:, :, None].expand(-1, -1, embeds.shape[-1]))
-        cos, sin = self.parts.rotary_embedding(hidden, position_ids=rows)
-        mask = self._causal_mask(rows, num_slots, seq_len)
+        rope = compat.rotary_embeddings(self.parts, hidden, rows)  # {rope key: (cos, sin)}
+        masks = self._layer_masks(rows, num_slots, seq_len)  # {window: mask}
         row_depth = sorted_depth[:, : rows_per_layer[0]]
 
         want_entropy = plan.collect_entropy
@@ -202,10 +211,11 @@ class PartialPrefillEngine:
         for index, layer in enumerate(self.parts.layers):
             count = rows_per_layer[index]
             if count < hidden.shape[1]:
-                hidden, rows, cos, sin, mask, row_depth = (
-                    hidden[:, :count], rows[:, :count], cos[:, :count], sin[:, :count],
-                    mask[:, :, :count], row_depth[:, :count],
-                )
+                hidden, rows, row_depth = hidden[:, :count], rows[:, :count], row_depth[:, :count]
+                rope = {key: (cos[:, :count], sin[:, :count]) for key, (cos, sin) in rope.items()}
+                masks = {window: mask[:, :, :count] for window, mask in masks.items()}
+            cos, sin = rope[self.parts.layer_rope_keys[index]]
+            mask = masks[self.parts.layer_windows[index]]
             layer_mask = mask if key_block is None else mask + key_block
             cache.layers[index].write_slots = torch.where(row_depth > index, rows, discard_slot)
             layer_input = hidden
@@ -246,15 +256,15 @@ class PartialPrefillEngine:
                 new_depth = depth.clone()
                 new_depth[:, visual_positions] = torch.where(
                     dropped, depth[:, visual_positions].clamp(max=index + 1), depth[:, visual_positions])
-                hidden, rows, cos, sin, mask, row_depth, rows_per_layer = self._resort_after_prune(
-                    new_depth, hidden, rows, cos, sin, mask, num_layers, rows_per_layer, index)
+                hidden, rows, rope, masks, row_depth, rows_per_layer = self._resort_after_prune(
+                    new_depth, hidden, rows, rope, masks, num_layers, rows_per_layer, index)
                 key_block = torch.zeros(batch, 1, 1, num_slots, dtype=self.dtype, device=device)
                 key_block[:, 0, 0, visual_positions] = torch.where(
                     dropped, torch.finfo(self.dtype).min, 0.0).to(self.dtype)
 
         out_rows = self._rows_of(rows, layout.output_positions.to(device))
         last_hidden = hidden.gather(1, out_rows[:, :, None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.parts.lm_head(self.parts.final_norm(last_hidden)).float()
+        logits = compat.output_logits(self.parts, last_hidden).float()
 
         # bookkeeping for the next step; a pruned token counts as reused from the layer after pruning
         visual_depth = plan.visual_depth.to(device)
@@ -286,15 +296,17 @@ class PartialPrefillEngine:
             raise PlanError("a position that must be computed (text or output) was planned for reuse")
         return match.float().argmax(1)
 
-    def _resort_after_prune(self, new_depth, hidden, rows, cos, sin, mask, num_layers, rows_per_layer, index):
+    def _resort_after_prune(self, new_depth, hidden, rows, rope, masks, num_layers, rows_per_layer, index):
         """Reorder the current rows so that the tokens still computed form a prefix again."""
         row_depth = new_depth.gather(1, rows)
         local = torch.argsort(-row_depth, dim=1, stable=True)
-        hidden, rows, cos, sin, row_depth = (_gather_rows(t, local) for t in (hidden, rows, cos, sin, row_depth))
-        mask = mask.gather(2, local[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+        hidden, rows, row_depth = (_gather_rows(t, local) for t in (hidden, rows, row_depth))
+        rope = {key: (_gather_rows(cos, local), _gather_rows(sin, local)) for key, (cos, sin) in rope.items()}
+        masks = {window: mask.gather(2, local[:, None, :, None].expand(-1, 1, -1, mask.shape[-1]))
+                 for window, mask in masks.items()}
         counts = (row_depth[:, :, None] > torch.arange(num_layers, device=rows.device)).sum(1).max(0).values.tolist()
         rows_per_layer = rows_per_layer[: index + 1] + counts[index + 1:]
-        return hidden, rows, cos, sin, mask, row_depth, rows_per_layer
+        return hidden, rows, rope, masks, row_depth, rows_per_layer
 
     # ------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -311,22 +323,25 @@ class PartialPrefillEngine:
         device = self.device
         tokens = [first_logits.argmax(-1)]
         slots = torch.arange(num_slots, device=device)
+        # the sequence index each slot holds: the prompt, then (after the discard slot) the decoded tokens
+        slot_index = torch.where(slots < seq_len, slots, slots - 1)
         for step in range(1, layout.num_action_tokens):
             position = seq_len + step - 1
             slot = seq_len + step  # after the discard slot
             hidden = self.parts.embed_tokens(tokens[-1])[:, None, :]
             position_ids = torch.full((batch, 1), position, dtype=torch.long, device=device)
             allowed = (slots < seq_len) | ((slots > seq_len) & (slots <= slot))
-            mask = torch.zeros(num_slots, dtype=self.dtype, device=device).masked_fill_(~allowed, torch.finfo(self.dtype).min)
-            mask = mask.expand(batch, 1, 1, num_slots)
-            cos, sin = self.parts.rotary_embedding(hidden, position_ids=position_ids)
+            masks = {window: self._additive(allowed if window is None else allowed & (slot_index > position - window))
+                     .expand(batch, 1, 1, num_slots) for window in self.parts.windows}
+            rope = compat.rotary_embeddings(self.parts, hidden, position_ids)
             write = torch.full((batch, 1), slot, dtype=torch.long, device=device)
             for index, layer in enumerate(self.parts.layers):
-                layer_mask = mask
+                layer_mask = masks[self.parts.layer_windows[index]]
                 if state.pruned_keys is not None and index > state.prune_after_layer:
-                    layer_mask = mask + state.pruned_keys
+                    layer_mask = layer_mask + state.pruned_keys
                 cache.layers[index].write_slots = write
-                hidden = compat.call_decoder_layer(layer, hidden, layer_mask, position_ids, cache, (cos, sin))
-            logits = self.parts.lm_head(self.parts.final_norm(hidden))[:, -1].float()
+                hidden = compat.call_decoder_layer(layer, hidden, layer_mask, position_ids, cache,
+                                                   rope[self.parts.layer_rope_keys[index]])
+            logits = compat.output_logits(self.parts, hidden)[:, -1].float()
             tokens.append(logits.argmax(-1))
         return torch.stack(tokens, dim=1)
