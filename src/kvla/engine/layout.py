@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,12 @@ class TokenLayout:
     placeholders inside the prompt and are all decoded by the prefill pass. For autoregressive
     decoding (OpenVLA) it is None and `num_action_tokens` tokens are generated after the prompt.
     Only visual tokens may ever be reused; everything else is recomputed at every step.
+
+    `blocks` declares the prompt's attention mask: a non-decreasing block id per prompt position.
+    A token sees every token of its own block and every earlier token (None: causal, each token its
+    own block). `prefix_lm` and `bidirectional` build the two common cases; decoded tokens are
+    always causal. Under a block mask a token's K/V depends on later tokens of its block, so
+    reusing it is exact only when its whole block is unchanged.
     """
 
     seq_len: int
@@ -31,6 +38,7 @@ class TokenLayout:
     proprio_span: Span | None = None
     action_span: Span | None = None
     num_action_tokens: int = 7
+    blocks: tuple[int, ...] | None = None
     _visual_index: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -56,11 +64,65 @@ class TokenLayout:
             raise LayoutError("autoregressive decoding needs num_action_tokens >= 1")
         index = torch.cat([torch.arange(s, e) for s, e in self.visual_spans])
         object.__setattr__(self, "_visual_index", index)
+        if self.blocks is not None:
+            blocks = tuple(int(b) for b in self.blocks)
+            if len(blocks) != self.seq_len:
+                raise LayoutError(f"blocks has {len(blocks)} entries for a prompt of {self.seq_len} tokens")
+            if any(later < earlier for earlier, later in zip(blocks, blocks[1:])):
+                raise LayoutError("blocks must be non-decreasing: a block is a contiguous run of the prompt")
+            object.__setattr__(self, "blocks", blocks)
+
+    @property
+    def mask_mode(self) -> str:
+        """causal, bidirectional (one block), prefix_lm (one block, then causal) or blocks."""
+        if self.blocks is None or len(set(self.blocks)) == self.seq_len:
+            return "causal"
+        if len(set(self.blocks)) == 1:
+            return "bidirectional"
+        first = self.blocks.count(self.blocks[0])
+        if len(set(self.blocks[first:])) == self.seq_len - first:
+            return "prefix_lm"
+        return "blocks"
+
+    def with_blocks(self, blocks) -> "TokenLayout":
+        return dataclasses.replace(self, blocks=tuple(blocks))
+
+    def with_mask_mode(self, mode: str, prefix_end: int | None = None) -> "TokenLayout":
+        """This layout under a named mask: causal; bidirectional (the whole prompt one block, as
+        OpenVLA-OFT); prefix_lm (positions before `prefix_end` one block, the rest causal, as
+        PaliGemma; default: everything before the action placeholders)."""
+        if mode == "causal":
+            return dataclasses.replace(self, blocks=None)
+        if mode == "bidirectional":
+            return self.with_blocks([0] * self.seq_len)
+        if mode == "prefix_lm":
+            end = prefix_end if prefix_end is not None else (self.action_span[0] if self.parallel else self.seq_len)
+            if not 1 <= end <= self.seq_len:
+                raise LayoutError(f"prefix_end {end} is outside a prompt of {self.seq_len} tokens")
+            return self.with_blocks([0] * end + list(range(1, self.seq_len - end + 1)))
+        raise LayoutError(f"unknown mask mode {mode!r}: causal, prefix_lm or bidirectional")
+
+    def attention_allowed(self, total_len: int | None = None, window: int | None = None, device=None) -> torch.Tensor:
+        """Bool [total, total] of which key each query of the prompt followed by decoded tokens may
+        attend (the training forward's mask; the engine builds its per-row masks itself)."""
+        total = total_len or self.seq_len
+        index = torch.arange(total, device=device)
+        allowed = index[None, :] <= index[:, None]
+        if window is not None:
+            allowed &= index[None, :] > index[:, None] - window
+        blocks = torch.cat([self.block_ids(device), self.seq_len + index[self.seq_len:]])  # decoded: causal
+        return allowed | (blocks[None, :] == blocks[:, None])
+
+    def block_ids(self, device=None) -> torch.Tensor:
+        """Block id per prompt position [seq_len] (causal: the position itself)."""
+        if self.blocks is None:
+            return torch.arange(self.seq_len, device=device)
+        return torch.tensor(self.blocks, device=device)
 
     @classmethod
     def single_prompt(cls, num_visual: int, num_text: int, *, num_cameras: int = 1,
                       num_proprio: int = 0, num_action_tokens: int = 7,
-                      parallel_actions: bool = False) -> "TokenLayout":
+                      parallel_actions: bool = False, mask_mode: str = "causal") -> "TokenLayout":
         """[BOS, camera 1 visual, ..., camera C visual, proprio, text, (action placeholders)]."""
         position = 1
         visual = []
@@ -77,8 +139,9 @@ class TokenLayout:
         if parallel_actions:
             action = (position, position + num_action_tokens)
             position += num_action_tokens
-        return cls(seq_len=position, visual_spans=tuple(visual), text_span=text, bos_position=0,
-                   proprio_span=proprio, action_span=action, num_action_tokens=num_action_tokens)
+        layout = cls(seq_len=position, visual_spans=tuple(visual), text_span=text, bos_position=0,
+                     proprio_span=proprio, action_span=action, num_action_tokens=num_action_tokens)
+        return layout.with_mask_mode(mask_mode)
 
     @property
     def parallel(self) -> bool:

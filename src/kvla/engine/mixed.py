@@ -86,7 +86,7 @@ def mixed_reuse_forward(engine, embeds: torch.Tensor, layout: TokenLayout,
     layers = [MixedKVLayer(None if cached is None else cached[i], weight) for i in range(engine.num_layers)]
     cache = compat.make_cache(layers)
     positions = torch.arange(seq_len, device=embeds.device).expand(batch, -1)
-    masks = engine._layer_masks(positions, seq_len, seq_len)
+    masks = engine._layer_masks(positions, seq_len, layout)
     rope = compat.rotary_embeddings(parts, embeds, positions)
     hidden = embeds
     for index, layer in enumerate(parts.layers):

@@ -118,19 +118,26 @@ class PartialPrefillEngine:
             if (reused & ~state.kv_complete).any():
                 raise PlanError("the plan reuses visual tokens whose cached K/V is incomplete (pruned earlier)")
 
-    def _causal_mask(self, row_positions: torch.Tensor, num_slots: int, prompt_len: int,
+    def _prompt_mask(self, row_positions: torch.Tensor, num_slots: int, layout: TokenLayout,
                      window: int | None = None) -> torch.Tensor:
-        """Additive mask [B, 1, rows, slots]: a row sees prompt slots at or before its position (and,
-        with a sliding window, fewer than `window` positions before it)."""
+        """Additive mask [B, 1, rows, slots] of prompt rows: a row sees the prompt slots at or before
+        its position (with a sliding window, fewer than `window` positions before it) and every slot
+        of its own block (the layout's mask mode; a window does not cut a block, as in transformers)."""
         slots = torch.arange(num_slots, device=row_positions.device)
-        allowed = (slots[None, None, :] <= row_positions[:, :, None]) & (slots < prompt_len)[None, None, :]
+        prompt_len = layout.seq_len
+        causal = slots[None, None, :] <= row_positions[:, :, None]
         if window is not None:
-            allowed &= slots[None, None, :] > row_positions[:, :, None] - window
+            causal &= slots[None, None, :] > row_positions[:, :, None] - window
+        if layout.blocks is not None:
+            blocks = layout.block_ids(row_positions.device)
+            slot_block = torch.cat([blocks, torch.full((num_slots - prompt_len,), -1, device=blocks.device)])
+            causal |= slot_block[None, None, :] == blocks[row_positions][:, :, None]
+        allowed = causal & (slots < prompt_len)[None, None, :]
         return self._additive(allowed)[:, None]
 
-    def _layer_masks(self, row_positions: torch.Tensor, num_slots: int, prompt_len: int) -> dict:
+    def _layer_masks(self, row_positions: torch.Tensor, num_slots: int, layout: TokenLayout) -> dict:
         """{window: mask} for every distinct window of the layers (None: full attention)."""
-        return {window: self._causal_mask(row_positions, num_slots, prompt_len, window) for window in self.parts.windows}
+        return {window: self._prompt_mask(row_positions, num_slots, layout, window) for window in self.parts.windows}
 
     def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device)
@@ -191,7 +198,7 @@ class PartialPrefillEngine:
         rows = order[:, : rows_per_layer[0]]
         hidden = embeds.gather(1, rows[:, :, None].expand(-1, -1, embeds.shape[-1]))
         rope = compat.rotary_embeddings(self.parts, hidden, rows)  # {rope key: (cos, sin)}
-        masks = self._layer_masks(rows, num_slots, seq_len)  # {window: mask}
+        masks = self._layer_masks(rows, num_slots, layout)  # {window: mask}
         row_depth = sorted_depth[:, : rows_per_layer[0]]
 
         want_entropy = plan.collect_entropy

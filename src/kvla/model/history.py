@@ -56,6 +56,9 @@ class HistoryLayout:
     def of(cls, config: VLAConfig) -> "HistoryLayout":
         if not config.proprio_dim or not config.parallel_actions:
             raise ValueError("a history VLA needs a proprio token and parallel action placeholders")
+        if config.mask_mode != "causal":
+            raise ValueError(f"a history VLA attends causally across frames; mask_mode {config.mask_mode!r} "
+                             "is not supported for it")
         return cls(config.num_text_tokens, config.num_visual, config.num_action_tokens)
 
     @property

@@ -49,6 +49,7 @@ class VLAConfig:
     action_chunk: int = 1  # control steps predicted at once (OFT-style chunks need parallel_actions)
     parallel_actions: bool = False
     proprio_dim: int = 0  # robot state fed as one proprio token after the visual tokens (0: none)
+    mask_mode: str = "causal"  # the prompt's attention: causal (OpenVLA), prefix_lm (PaliGemma), bidirectional (OFT)
 
     @property
     def patches_per_image(self) -> int:
@@ -66,7 +67,7 @@ class VLAConfig:
         return TokenLayout.single_prompt(
             num_visual=self.patches_per_image, num_text=self.num_text_tokens, num_cameras=self.num_cameras,
             num_proprio=1 if self.proprio_dim else 0, num_action_tokens=self.num_action_tokens,
-            parallel_actions=self.parallel_actions,
+            parallel_actions=self.parallel_actions, mask_mode=self.mask_mode,
         )
 
     def decoder_config(self):

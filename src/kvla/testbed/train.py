@@ -103,12 +103,16 @@ def action_logits(model: VLAModel, images, proprio, text_ids, action_tokens) -> 
     visual = model.encode_images(images if images.dim() == 5 else images[:, None])
     embeds = model.prompt_embeddings(visual, text_ids, proprio)
     backbone = model.language_model.model
-    if layout.parallel:
-        hidden = backbone(inputs_embeds=embeds).last_hidden_state[:, layout.action_span[0]:]
-    else:
+    if not layout.parallel:
         previous_actions = model.language_model.get_input_embeddings()(action_tokens[:, :-1])
-        hidden = backbone(inputs_embeds=torch.cat([embeds, previous_actions], dim=1)).last_hidden_state
-        hidden = hidden[:, layout.seq_len - 1:]
+        embeds = torch.cat([embeds, previous_actions], dim=1)
+    mask = None
+    if layout.mask_mode != "causal":  # a 4-D mask is taken as given: the prompt's blocks, then causal
+        allowed = layout.attention_allowed(embeds.shape[1], device=embeds.device)
+        mask = torch.zeros(allowed.shape, dtype=embeds.dtype, device=embeds.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(embeds.dtype).min)[None, None].expand(embeds.shape[0], 1, -1, -1)
+    hidden = backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+    hidden = hidden[:, layout.action_span[0]:] if layout.parallel else hidden[:, layout.seq_len - 1:]
     return model.language_model.lm_head(hidden)
 
 
