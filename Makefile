@@ -39,10 +39,10 @@ $(OPENPI_VENV)/.installed:
 # The whole suite on the newest transformers, then the engine's tests on the oldest supported one.
 test: $(VENV)/.installed $(COMPAT_VENV)/.installed $(OPENPI_VENV)/.installed
 	$(VENV)/bin/python -m pytest
-	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_families.py tests/test_mask_modes.py tests/test_errors.py tests/test_flops.py tests/test_history.py tests/test_kv_efficient.py
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_families.py tests/test_mask_modes.py tests/test_hosts.py tests/test_errors.py tests/test_flops.py tests/test_history.py tests/test_kv_efficient.py
 
 test-compat: $(COMPAT_VENV)/.installed
-	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_families.py tests/test_mask_modes.py tests/test_errors.py tests/test_flops.py tests/test_history.py tests/test_kv_efficient.py
+	$(COMPAT_VENV)/bin/python -m pytest tests/test_exactness.py tests/test_attention_stats.py tests/test_families.py tests/test_mask_modes.py tests/test_hosts.py tests/test_errors.py tests/test_flops.py tests/test_history.py tests/test_kv_efficient.py
 
 # The main job: a short closed-loop comparison of full and vla_cache with the committed reference VLA v2.
 demo: $(VENV)/.installed

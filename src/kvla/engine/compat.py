@@ -309,3 +309,45 @@ def call_decoder_layer(layer, hidden_states, attention_mask, position_ids, cache
 def set_attention_implementation(causal_lm: torch.nn.Module, name: str) -> None:
     """Switch sdpa/eager on a loaded model (eager is only used for FLOP counting)."""
     causal_lm.set_attn_implementation(name)
+
+
+# ---------------------------------------------------------------- VLM hosts
+class CausalLMView(torch.nn.Module):
+    """A VLM host's language decoder and head seen as a causal LM (`model`, `lm_head`, `config`),
+    the shape kvla's engines drive; the modules are the host's own, nothing is copied."""
+
+    def __init__(self, decoder: torch.nn.Module, lm_head: torch.nn.Module, config):
+        super().__init__()
+        self.model, self.lm_head, self.config = decoder, lm_head, config
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.model.get_input_embeddings()
+
+
+def host_language_model(host: torch.nn.Module) -> CausalLMView:
+    """The decoder a transformers VLM runs its prompt through (`get_decoder()`), with its head."""
+    decoder = host.get_decoder() if hasattr(host, "get_decoder") else None
+    if decoder is None or not hasattr(host, "lm_head"):
+        raise UnsupportedModelError(f"{type(host).__name__} exposes no get_decoder() and lm_head")
+    return CausalLMView(decoder, host.lm_head, host.config.get_text_config())
+
+
+def host_image_features(host: torch.nn.Module, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+    """The host's own image features, [images, tokens, hidden]. `get_image_features` returns an
+    output whose pooler_output is a list of [tokens, hidden] per image (LLaVA; Idefics3 from 5.24),
+    a tensor [images, tokens, hidden] (PaliGemma; Idefics3 on 5.17), or a bare tensor or list."""
+    outputs = host.model.get_image_features(pixel_values, **kwargs)
+    pooled = getattr(outputs, "pooler_output", outputs)
+    if isinstance(pooled, (list, tuple)):
+        pooled = torch.stack(list(pooled))
+    if pooled.dim() != 3:
+        raise UnsupportedModelError(f"{type(host).__name__}.get_image_features gave features of shape "
+                                    f"{tuple(pooled.shape)}; kvla expects [images, tokens, hidden]")
+    return pooled
+
+
+def llava_feature_arguments(config) -> dict:
+    """LLaVA's vision feature layer and selection, passed explicitly: transformers 5.17 does not fill
+    them from the config when get_image_features is called directly."""
+    return {"vision_feature_layer": config.vision_feature_layer,
+            "vision_feature_select_strategy": config.vision_feature_select_strategy}

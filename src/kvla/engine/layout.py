@@ -28,7 +28,8 @@ class TokenLayout:
     A token sees every token of its own block and every earlier token (None: causal, each token its
     own block). `prefix_lm` and `bidirectional` build the two common cases; decoded tokens are
     always causal. Under a block mask a token's K/V depends on later tokens of its block, so
-    reusing it is exact only when its whole block is unchanged.
+    reusing it is exact only when its whole block is unchanged. `position_offset` shifts every RoPE
+    position (sequence index + offset) for models that do not count from 0.
     """
 
     seq_len: int
@@ -39,6 +40,7 @@ class TokenLayout:
     action_span: Span | None = None
     num_action_tokens: int = 7
     blocks: tuple[int, ...] | None = None
+    position_offset: int = 0  # RoPE position of sequence index 0 (PaliGemma counts from 1)
     _visual_index: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

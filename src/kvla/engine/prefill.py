@@ -197,7 +197,7 @@ class PartialPrefillEngine:
 
         rows = order[:, : rows_per_layer[0]]
         hidden = embeds.gather(1, rows[:, :, None].expand(-1, -1, embeds.shape[-1]))
-        rope = compat.rotary_embeddings(self.parts, hidden, rows)  # {rope key: (cos, sin)}
+        rope = compat.rotary_embeddings(self.parts, hidden, rows + layout.position_offset)  # {rope key: (cos, sin)}
         masks = self._layer_masks(rows, num_slots, layout)  # {window: mask}
         row_depth = sorted_depth[:, : rows_per_layer[0]]
 
@@ -226,7 +226,7 @@ class PartialPrefillEngine:
             layer_mask = mask if key_block is None else mask + key_block
             cache.layers[index].write_slots = torch.where(row_depth > index, rows, discard_slot)
             layer_input = hidden
-            hidden = compat.call_decoder_layer(layer, hidden, layer_mask, rows, cache, (cos, sin))
+            hidden = compat.call_decoder_layer(layer, hidden, layer_mask, rows + layout.position_offset, cache, (cos, sin))
 
             # the query rows the statistics of this layer need, and only those
             if want_entropy:
@@ -336,7 +336,7 @@ class PartialPrefillEngine:
             position = seq_len + step - 1
             slot = seq_len + step  # after the discard slot
             hidden = self.parts.embed_tokens(tokens[-1])[:, None, :]
-            position_ids = torch.full((batch, 1), position, dtype=torch.long, device=device)
+            position_ids = torch.full((batch, 1), position + layout.position_offset, dtype=torch.long, device=device)
             allowed = (slots < seq_len) | ((slots > seq_len) & (slots <= slot))
             masks = {window: self._additive(allowed if window is None else allowed & (slot_index > position - window))
                      .expand(batch, 1, 1, num_slots) for window in self.parts.windows}

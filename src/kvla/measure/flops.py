@@ -19,13 +19,13 @@ from kvla.model.vla import VLAConfig
 
 def attention_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
     """MACs of one layer's attention proper (QK^T and AV) for `rows` queries over `key_slots` keys."""
-    head_dim = cfg.hidden_size // cfg.num_heads
+    head_dim = cfg.head_dim
     return 2 * rows * cfg.num_heads * head_dim * key_slots
 
 
 def decoder_layer_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
     """MACs of one decoder layer computing `rows` tokens that attend over `key_slots` keys."""
-    head_dim = cfg.hidden_size // cfg.num_heads
+    head_dim = cfg.head_dim
     q_width, kv_width = cfg.num_heads * head_dim, cfg.num_kv_heads * head_dim
     projections = rows * cfg.hidden_size * (2 * q_width + 2 * kv_width)  # q, o and k, v
     mlp = 3 * rows * cfg.hidden_size * cfg.intermediate_size
@@ -34,12 +34,15 @@ def decoder_layer_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
 
 def statistic_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
     """MACs of recomputing attention probabilities of `rows` query rows of one layer: q and QK^T."""
-    head_dim = cfg.hidden_size // cfg.num_heads
+    head_dim = cfg.head_dim
     return rows * cfg.hidden_size * cfg.num_heads * head_dim + rows * cfg.num_heads * head_dim * key_slots
 
 
 def vision_macs(cfg: VLAConfig) -> int:
-    """Patch ViT and projector MACs for all cameras of one sample."""
+    """Patch ViT and projector MACs for all cameras of one sample (a host VLA carries its vision
+    tower's count, measured once with torch's FLOP counter)."""
+    if getattr(cfg, "vision_macs_per_sample", None) is not None:
+        return cfg.vision_macs_per_sample
     tokens, dim = cfg.patches_per_image, cfg.vision_dim
     patch_embed = tokens * 3 * cfg.patch_size**2 * dim
     block = 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * cfg.vision_mlp
@@ -62,7 +65,7 @@ def cache_slots(layout: TokenLayout) -> int:
 
 
 def kv_bytes(cfg: VLAConfig, slots: int, batch: int, bytes_per_element: int) -> int:
-    head_dim = cfg.hidden_size // cfg.num_heads
+    head_dim = cfg.head_dim
     return 2 * cfg.num_layers * batch * cfg.num_kv_heads * head_dim * slots * bytes_per_element
 
 

@@ -52,6 +52,10 @@ class VLAConfig:
     mask_mode: str = "causal"  # the prompt's attention: causal (OpenVLA), prefix_lm (PaliGemma), bidirectional (OFT)
 
     @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
     def patches_per_image(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
@@ -100,6 +104,35 @@ def preset_config(name: str, **overrides) -> VLAConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return replace(PRESETS[name], **overrides)
+
+
+def resize_frames(images: torch.Tensor, num_cameras: int, size: int) -> torch.Tensor:
+    """Camera frames (uint8 [B, H, W, 3] or [B, cameras, H, W, 3]) -> uint8 [B, cameras, size, size, 3]
+    (antialiased bilinear resize where the frames are another size)."""
+    if images.dtype != torch.uint8:
+        raise ImageError(f"camera frames must be uint8 RGB, got {images.dtype}")
+    if images.dim() == 4:
+        images = images[:, None]
+    if images.dim() != 5 or images.shape[-1] != 3:
+        raise ImageError(f"camera frames must be [B, H, W, 3] or [B, cameras, H, W, 3], got {tuple(images.shape)}")
+    if images.shape[1] != num_cameras:
+        raise ImageError(f"model expects {num_cameras} camera(s), got {images.shape[1]}")
+    if images.shape[2:4] != (size, size):
+        batch, cams, height, width, _ = images.shape
+        flat = images.reshape(batch * cams, height, width, 3).permute(0, 3, 1, 2).float()
+        flat = F.interpolate(flat, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        images = flat.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(batch, cams, size, size, 3)
+    return images
+
+
+def pixel_cells(policy_images: torch.Tensor, cell: int) -> torch.Tensor:
+    """The pixel cell each visual token covers, flattened: [B, cameras * cells, 3 * cell * cell] (float32),
+    cameras in order, cells in raster order."""
+    batch, cams, height, width, _ = policy_images.shape
+    if height % cell or width % cell:
+        raise ImageError(f"image size {height}x{width} is not a multiple of the token cell {cell}")
+    x = policy_images.float().reshape(batch, cams, height // cell, cell, width // cell, cell, 3)
+    return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(batch, cams * (height // cell) * (width // cell), -1)
 
 
 class _VisionBlock(nn.Module):
@@ -170,30 +203,11 @@ class VLAModel(nn.Module):
     def policy_images(self, images: torch.Tensor) -> torch.Tensor:
         """Camera frames (uint8 [B, H, W, 3] or [B, cameras, H, W, 3]) -> the model's input images,
         uint8 [B, cameras, S, S, 3] at the model's resolution (resized if needed)."""
-        if images.dtype != torch.uint8:
-            raise ImageError(f"camera frames must be uint8 RGB, got {images.dtype}")
-        if images.dim() == 4:
-            images = images[:, None]
-        if images.dim() != 5 or images.shape[-1] != 3:
-            raise ImageError(f"camera frames must be [B, H, W, 3] or [B, cameras, H, W, 3], got {tuple(images.shape)}")
-        if images.shape[1] != self.config.num_cameras:
-            raise ImageError(f"model expects {self.config.num_cameras} camera(s), got {images.shape[1]}")
-        size = self.config.image_size
-        if images.shape[2:4] != (size, size):
-            batch, cams, height, width, _ = images.shape
-            flat = images.reshape(batch * cams, height, width, 3).permute(0, 3, 1, 2).float()
-            flat = F.interpolate(flat, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            images = flat.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).reshape(batch, cams, size, size, 3)
-        return images
+        return resize_frames(images, self.config.num_cameras, self.config.image_size)
 
     def image_patches(self, policy_images: torch.Tensor) -> torch.Tensor:
         """Flattened pixel patches [B, cameras * patches, 3 * p * p] (float32) in visual-token order."""
-        batch, cams, height, width, _ = policy_images.shape
-        patch = self.config.patch_size
-        if height % patch or width % patch:
-            raise ImageError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
-        x = policy_images.float().reshape(batch, cams, height // patch, patch, width // patch, patch, 3)
-        return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(batch, cams * (height // patch) * (width // patch), -1)
+        return pixel_cells(policy_images, self.config.patch_size)
 
     def encode_images(self, policy_images: torch.Tensor) -> torch.Tensor:
         """Visual token embeddings [B, cameras * patches, hidden]."""
