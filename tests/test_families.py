@@ -114,3 +114,19 @@ def test_a_history_the_sliding_window_would_cut_is_refused():
     with torch.no_grad():
         expected = engine.causal_lm(inputs_embeds=embeds[:, :6]).logits
     assert (engine.logits(hidden) - expected).abs().max() < 1e-4
+
+
+def test_multimodal_rope_needs_the_layout_s_position_components():
+    from kvla import LayoutError
+    from test_hosts import _vla
+
+    qwen = _vla("qwen2-vl")
+    engine = PartialPrefillEngine(qwen.language_model)
+    plain = TokenLayout.single_prompt(num_visual=16, num_text=5)
+    with pytest.raises(LayoutError, match="multimodal RoPE: the layout must give each slot's 3 position components"):
+        engine.prefill(torch.randn(1, plain.seq_len, 64), plain, ReusePlan.full(1, plain, engine.num_layers),
+                       EpisodeState())
+    llama = PartialPrefillEngine(make_lm("llama"))
+    embeds = torch.randn(1, qwen.layout.seq_len, 64)
+    with pytest.raises(LayoutError, match="3-component RoPE positions but llama uses 1-D positions"):
+        llama.prefill(embeds, qwen.layout, ReusePlan.full(1, qwen.layout, llama.num_layers), EpisodeState())

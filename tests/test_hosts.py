@@ -43,13 +43,25 @@ def make_host(name: str, seed: int = 0):
                                image_size=64, patch_size=8),
             text_config=T.LlamaConfig(**TEXT), image_token_id=IMAGE, scale_factor=2))
         options = {"fake_image_token_id": FAKE, "global_image_token_id": GLOBAL}
+    elif name in ("qwen2-vl", "qwen2.5-vl"):
+        text = dict(TEXT, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+        ids = dict(image_token_id=IMAGE, vision_start_token_id=FAKE, vision_end_token_id=GLOBAL, video_token_id=SEPARATOR)
+        if name == "qwen2-vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                          spatial_merge_size=2, temporal_patch_size=2)
+            host = T.Qwen2VLForConditionalGeneration(T.Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+        else:
+            vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=4,
+                          spatial_merge_size=2, temporal_patch_size=2, window_size=16, fullatt_block_indexes=[1])
+            host = T.Qwen2_5_VLForConditionalGeneration(T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+        options = {"image_size": 32}
     else:
         raise KeyError(name)
     host.eval()
     return host, options
 
 
-HOSTS = ["llava-llama", "llava-qwen2", "paligemma", "idefics3"]
+HOSTS = ["llava-llama", "llava-qwen2", "paligemma", "idefics3", "qwen2-vl", "qwen2.5-vl"]
 
 
 def _vla(name, cameras=1, **options):
@@ -72,6 +84,8 @@ def _host_reference(vla, frames, text):
     ids = vla.prompt_ids(text)
     pixels = vla.pixel_values(vla.policy_images(frames))
     extra = vla.forward_arguments(ids)
+    if hasattr(host.model, "rope_deltas"):
+        host.model.rope_deltas = None  # Qwen-VL keeps the last prompt's position delta as module state
     with torch.no_grad():
         logits = host(input_ids=ids, pixel_values=pixels, **extra).logits[:, -1]
         tokens = host.generate(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids), **extra,
@@ -127,21 +141,34 @@ def test_the_layouts_follow_each_host_s_template():
     ids = idefics3.prompt_ids(torch.arange(10, 15)[None])[0].tolist()
     assert ids[:3] == [BOS, FAKE, GLOBAL] and ids[3:19] == [IMAGE] * 16 and ids[19] == FAKE
     assert idefics3.config.cell_size == 16 and idefics3.layout.mask_mode == "causal"
+    qwen = _vla("qwen2-vl")  # [BOS, vision_start, 16 image tokens on a 4 x 4 grid, vision_end, text]
+    temporal, height, width = qwen.layout.rope_positions
+    assert temporal[2:18] == (2,) * 16 and height[2:18] == tuple(2 + i // 4 for i in range(16))
+    assert width[2:18] == tuple(2 + i % 4 for i in range(16))
+    assert temporal[18:] == height[18:] == width[18:] == tuple(range(6, 12))  # resumes at 2 + 4, not at slot 18
+    assert qwen.layout.next_rope_position == 12
     smolvla = _vla("idefics3", mask_mode="prefix_lm")  # SmolVLA: bidirectional over images and language
     assert smolvla.layout.blocks == (0,) * smolvla.layout.seq_len
 
 
 @pytest.mark.parametrize("processor,name", [("CLIPImageProcessor", "llava-llama"), ("SiglipImageProcessor", "paligemma"),
-                                            ("SiglipImageProcessor", "idefics3")])
-def test_pixels_are_normalised_as_the_host_s_image_processor_does(processor, name):
+                                            ("SiglipImageProcessor", "idefics3"), ("Qwen2VLImageProcessor", "qwen2-vl")])
+def test_pixels_are_laid_out_as_the_host_s_image_processor_does(processor, name):
     vla = _vla(name)
     frames, _ = _inputs(vla, 1, seed=5)
+    options = {"do_resize": False, "do_center_crop": False}
+    if name == "qwen2-vl":  # its own patch grouping: patches of 4 px, merged 2 x 2, the frame doubled in time
+        options = {"do_resize": False, "patch_size": 4, "merge_size": 2, "temporal_patch_size": 2}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = getattr(transformers, processor)(do_resize=False, do_center_crop=False)(
-            images=frames[0, 0].numpy(), return_tensors="pt").pixel_values
-    ours = vla.pixel_values(vla.policy_images(frames)).reshape(1, 3, *frames.shape[2:4])
-    assert (ours - reference).abs().max() < 1e-5
+        processed = getattr(transformers, processor)(**options)(images=frames[0, 0].numpy(), return_tensors="pt")
+    ours = vla.pixel_values(vla.policy_images(frames))
+    reference = processed.pixel_values
+    if name == "qwen2-vl":
+        assert processed.image_grid_thw.tolist() == [[1, 8, 8]]
+    else:
+        ours = ours.reshape(reference.shape)
+    assert ours.shape == reference.shape and (ours - reference).abs().max() < 1e-5
 
 
 def test_image_cells_are_the_pixels_each_visual_token_covers():

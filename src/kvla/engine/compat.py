@@ -36,8 +36,9 @@ class FamilySpec:
     final_softcap_attr: the config attribute of a soft-cap applied to the output logits.
     windows: which layers attend through a sliding window: none; those whose `layer_types` entry is
         "sliding_attention"; or all layers when `config.sliding_window` is set.
-    rope: "shared" (one rotary embedding for every layer) or "per_layer_type" (one per layer type,
-        e.g. Gemma 3's local and global layers with different base frequencies).
+    rope: "shared" (one rotary embedding for every layer), "per_layer_type" (one per layer type,
+        e.g. Gemma 3's local and global layers with different base frequencies) or "mrope"
+        (multimodal RoPE: positions [3, B, n], given per slot by the layout).
     refuse: (config attribute, value, feature named in the error) of configurations kvla does not drive.
     """
 
@@ -66,6 +67,9 @@ FAMILIES: dict[str, FamilySpec] = {
     "gemma2": FamilySpec(attn_softcap_attr="attn_logit_softcapping", final_softcap_attr="final_logit_softcapping",
                          windows="layer_types"),
     # Gemma 3 stores attn_logit_softcapping but its layers never apply it, so neither does kvla
+    # Qwen2-VL / Qwen2.5-VL language models: Qwen2's layers, RoPE over 3 position components
+    "qwen2_vl_text": FamilySpec(windows="layer_types", rope="mrope"),
+    "qwen2_5_vl_text": FamilySpec(windows="layer_types", rope="mrope"),
     "gemma3_text": FamilySpec(qk_norm=True, final_softcap_attr="final_logit_softcapping", windows="layer_types",
                               rope="per_layer_type",
                               refuse=(("use_bidirectional_attention", True, "Gemma 3 bidirectional attention"),)),
@@ -242,6 +246,17 @@ def rotary_embeddings(parts: DecoderParts, hidden: torch.Tensor, position_ids: t
     return {None: parts.rotary_embedding(hidden, position_ids=position_ids)}
 
 
+def check_rope_layout(parts: DecoderParts, layout) -> None:
+    """Multimodal RoPE needs each slot's 3 position components from the layout, and only it takes them."""
+    from kvla.engine.layout import LayoutError
+
+    if parts.family.rope == "mrope" and layout.rope_positions is None:
+        raise LayoutError(f"{parts.model_type} uses multimodal RoPE: the layout must give each slot's 3 position "
+                          "components (rope_positions), as the Qwen2-VL host adapter does")
+    if parts.family.rope != "mrope" and layout.rope_positions is not None:
+        raise LayoutError(f"the layout gives 3-component RoPE positions but {parts.model_type} uses 1-D positions")
+
+
 def query_states(parts: DecoderParts, attn: torch.nn.Module, normed: torch.Tensor) -> torch.Tensor:
     """The layer's queries [B, heads, rows, head_dim] before RoPE, as its own forward computes them."""
     batch, rows, _ = normed.shape
@@ -351,3 +366,11 @@ def llava_feature_arguments(config) -> dict:
     them from the config when get_image_features is called directly."""
     return {"vision_feature_layer": config.vision_feature_layer,
             "vision_feature_select_strategy": config.vision_feature_select_strategy}
+
+
+def multimodal_rope_positions(host: torch.nn.Module, input_ids: torch.Tensor, image_mask: torch.Tensor,
+                              image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """A Qwen2-VL host's own 3-component RoPE positions [3, B, S] of a prompt (`get_rope_index`;
+    both 5.17 and 5.24 take the image token mask as mm_token_type_ids)."""
+    positions, _ = host.model.get_rope_index(input_ids, mm_token_type_ids=image_mask.int(), image_grid_thw=image_grid_thw)
+    return positions

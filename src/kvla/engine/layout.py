@@ -41,6 +41,10 @@ class TokenLayout:
     num_action_tokens: int = 7
     blocks: tuple[int, ...] | None = None
     position_offset: int = 0  # RoPE position of sequence index 0 (PaliGemma counts from 1)
+    # multimodal RoPE (Qwen2-VL): each prompt slot's 3 position components (temporal, height, width),
+    # and the position of the first decoded token (the same in all three components)
+    rope_positions: tuple[tuple[int, ...], ...] | None = None
+    next_rope_position: int | None = None
     _visual_index: torch.Tensor = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -73,6 +77,27 @@ class TokenLayout:
             if any(later < earlier for earlier, later in zip(blocks, blocks[1:])):
                 raise LayoutError("blocks must be non-decreasing: a block is a contiguous run of the prompt")
             object.__setattr__(self, "blocks", blocks)
+        if self.rope_positions is not None:
+            table = tuple(tuple(int(p) for p in row) for row in self.rope_positions)
+            if len(table) != 3 or any(len(row) != self.seq_len for row in table):
+                raise LayoutError(f"rope_positions must be 3 rows of {self.seq_len} positions (temporal, height, width)")
+            if self.next_rope_position is None or self.next_rope_position <= max(max(row) for row in table):
+                raise LayoutError("next_rope_position must follow every prompt position")
+            object.__setattr__(self, "rope_positions", table)
+            object.__setattr__(self, "_rope_table", torch.tensor(table))
+
+    def rope_position_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """RoPE position ids of the prompt rows `rows` ([B, n] sequence indices): [B, n], or
+        [3, B, n] under multimodal RoPE."""
+        if self.rope_positions is None:
+            return rows + self.position_offset
+        return self._rope_table.to(rows.device)[:, rows]
+
+    def decode_rope_position_ids(self, index: int, batch: int, device) -> torch.Tensor:
+        """RoPE position ids of the `index`-th decoded token (0: the first after the prompt)."""
+        if self.rope_positions is None:
+            return torch.full((batch, 1), self.seq_len + index + self.position_offset, dtype=torch.long, device=device)
+        return torch.full((3, batch, 1), self.next_rope_position + index, dtype=torch.long, device=device)
 
     @property
     def mask_mode(self) -> str:

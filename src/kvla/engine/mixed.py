@@ -87,11 +87,12 @@ def mixed_reuse_forward(engine, embeds: torch.Tensor, layout: TokenLayout,
     cache = compat.make_cache(layers)
     positions = torch.arange(seq_len, device=embeds.device).expand(batch, -1)
     masks = engine._layer_masks(positions, seq_len, layout)
-    rope_positions = positions + layout.position_offset
-    rope = compat.rotary_embeddings(parts, embeds, rope_positions)
+    compat.check_rope_layout(parts, layout)
+    rope = compat.rotary_embeddings(parts, embeds, layout.rope_position_ids(positions))
+    layer_positions = positions + layout.position_offset if layout.rope_positions is None else positions
     hidden = embeds
     for index, layer in enumerate(parts.layers):
-        hidden = compat.call_decoder_layer(layer, hidden, masks[parts.layer_windows[index]], rope_positions, cache,
+        hidden = compat.call_decoder_layer(layer, hidden, masks[parts.layer_windows[index]], layer_positions, cache,
                                            rope[parts.layer_rope_keys[index]])
     outputs = hidden[:, layout.output_positions.to(embeds.device)]
     logits = compat.output_logits(parts, outputs).float()

@@ -197,7 +197,9 @@ class PartialPrefillEngine:
 
         rows = order[:, : rows_per_layer[0]]
         hidden = embeds.gather(1, rows[:, :, None].expand(-1, -1, embeds.shape[-1]))
-        rope = compat.rotary_embeddings(self.parts, hidden, rows + layout.position_offset)  # {rope key: (cos, sin)}
+        compat.check_rope_layout(self.parts, layout)
+        rope_ids = layout.rope_position_ids(rows)
+        rope = compat.rotary_embeddings(self.parts, hidden, rope_ids)  # {rope key: (cos, sin)}
         masks = self._layer_masks(rows, num_slots, layout)  # {window: mask}
         row_depth = sorted_depth[:, : rows_per_layer[0]]
 
@@ -226,7 +228,8 @@ class PartialPrefillEngine:
             layer_mask = mask if key_block is None else mask + key_block
             cache.layers[index].write_slots = torch.where(row_depth > index, rows, discard_slot)
             layer_input = hidden
-            hidden = compat.call_decoder_layer(layer, hidden, layer_mask, rows + layout.position_offset, cache, (cos, sin))
+            layer_positions = rows + layout.position_offset if layout.rope_positions is None else rows
+            hidden = compat.call_decoder_layer(layer, hidden, layer_mask, layer_positions, cache, (cos, sin))
 
             # the query rows the statistics of this layer need, and only those
             if want_entropy:
@@ -337,10 +340,11 @@ class PartialPrefillEngine:
             slot = seq_len + step  # after the discard slot
             hidden = self.parts.embed_tokens(tokens[-1])[:, None, :]
             position_ids = torch.full((batch, 1), position + layout.position_offset, dtype=torch.long, device=device)
+            rope_ids = layout.decode_rope_position_ids(step - 1, batch, device)
             allowed = (slots < seq_len) | ((slots > seq_len) & (slots <= slot))
             masks = {window: self._additive(allowed if window is None else allowed & (slot_index > position - window))
                      .expand(batch, 1, 1, num_slots) for window in self.parts.windows}
-            rope = compat.rotary_embeddings(self.parts, hidden, position_ids)
+            rope = compat.rotary_embeddings(self.parts, hidden, rope_ids)
             write = torch.full((batch, 1), slot, dtype=torch.long, device=device)
             for index, layer in enumerate(self.parts.layers):
                 layer_mask = masks[self.parts.layer_windows[index]]

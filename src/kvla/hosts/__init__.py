@@ -4,8 +4,10 @@ from kvla.hosts.base import HostAdapter, HostConfig, HostVLA
 from kvla.hosts.idefics3 import Idefics3Adapter
 from kvla.hosts.llava import LlavaAdapter
 from kvla.hosts.paligemma import PaliGemmaAdapter
+from kvla.hosts.qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS = {"llava": LlavaAdapter, "paligemma": PaliGemmaAdapter, "idefics3": Idefics3Adapter}
+ADAPTERS = {"llava": LlavaAdapter, "paligemma": PaliGemmaAdapter, "idefics3": Idefics3Adapter,
+            "qwen2_vl": Qwen2VLAdapter, "qwen2_5_vl": Qwen2VLAdapter}
 
 
 def wrap(host, *, adapter_options: dict | None = None, **options) -> HostVLA:
