@@ -130,7 +130,7 @@ def pixel_cells(policy_images: torch.Tensor, cell: int) -> torch.Tensor:
     cameras in order, cells in raster order."""
     batch, cams, height, width, _ = policy_images.shape
     if height % cell or width % cell:
-        raise ImageError(f"image size {height}x{width} is not a multiple of the token cell {cell}")
+        raise ImageError(f"image size {height}x{width} is not a multiple of the patch size {cell} (the pixel cell of a visual token)")
     x = policy_images.float().reshape(batch, cams, height // cell, cell, width // cell, cell, 3)
     return x.permute(0, 1, 2, 4, 3, 5, 6).reshape(batch, cams * (height // cell) * (width // cell), -1)
 
