@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from kvla.cli import app
@@ -32,6 +33,20 @@ def test_bench_latency_rejects_unknown_method_and_dtype():
     assert bad.exit_code != 0 and "unknown method 'magic'" in bad.output
     bad = runner.invoke(app, ["bench", "latency", "--preset", "tiny", "--dtype", "float8"])
     assert bad.exit_code != 0 and "dtype must be one of" in bad.output
+
+
+@pytest.mark.parametrize("model", ["smolvlm:tiny", "paligemma:tiny"])
+def test_bench_latency_runs_a_vlm_host(tmp_path, model):
+    out = tmp_path / "host.json"
+    result = CliRunner().invoke(app, ["bench", "latency", "--model", model, "--steps", "4", "--no-progress",
+                                      "--methods", "full,static", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"model {model}" in " ".join(result.output.split())
+    records = {r["method"]: r for r in json.loads(out.read_text())}
+    assert records["static"]["reuse_ratio"] > 0.5 and records["static"]["flops"] < records["full"]["flops"]
+    assert records["full"]["flops_by_part"]["vision"] > 0
+    bad = CliRunner().invoke(app, ["bench", "latency", "--model", "gpt:7b"])
+    assert bad.exit_code != 0 and "unknown host model 'gpt:7b'" in bad.output
 
 
 def test_eval_refuses_methods_of_the_other_kind(tmp_path):

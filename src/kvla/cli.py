@@ -31,6 +31,9 @@ def _machine() -> str:
 @bench_app.command("latency")
 def bench_latency(
     preset: str = typer.Option("base", help="Model preset: tiny, small, base, openvla-7b."),
+    model_name: str = typer.Option(None, "--model", help="A transformers VLM host of a published shape instead of "
+                                   "a preset: smolvla:cpu, smolvla, paligemma:cpu, paligemma:3b, smolvlm:tiny, "
+                                   "paligemma:tiny (random weights)."),
     methods: str = typer.Option("full,vla_cache", help="Comma-separated methods, settings as name:key=value:key=value."),
     frames: Path = typer.Option(None, help="An .npz with uint8 frames [T,H,W,3]; default: the bundled MetaWorld episode."),
     steps: int = typer.Option(0, help="Use only the first N frames (0: all)."),
@@ -54,17 +57,29 @@ def bench_latency(
     try:
         for spec in specs:
             parse_method(spec)
-        if preset not in PRESETS:
+        if model_name is None and preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        if model_name is not None:
+            from kvla.hosts.presets import HOST_PRESETS
+
+            if model_name not in HOST_PRESETS:
+                raise ValueError(f"unknown host model {model_name!r}; choose from {', '.join(HOST_PRESETS)}")
     except ValueError as error:
         raise typer.BadParameter(str(error)) from None
     if threads:
         torch.set_num_threads(threads)
     episode = load_frames(frames)
-    model = VLAModel.from_preset(preset, seed=seed).to(device=device, dtype=_DTYPES[dtype])
+    if model_name is not None:
+        from kvla.hosts.presets import host_preset
+
+        model = host_preset(model_name, seed=seed).to(device=device, dtype=_DTYPES[dtype])
+        described = f"model {model_name} ({model.config.host}, {model.config.family}, {model.layout.mask_mode} prompt)"
+    else:
+        model = VLAModel.from_preset(preset, seed=seed).to(device=device, dtype=_DTYPES[dtype])
+        described = f"preset {preset}"
     records = run_latency(model, specs, episode, steps=steps or None, text_seed=seed, progress=progress)
     machine = torch.cuda.get_device_name() if device == "cuda" else _machine()
-    table = Table(title=f"kvla bench latency - preset {preset}, {dtype}, {machine}, {records[0].steps} steps of {episode.source}")
+    table = Table(title=f"kvla bench latency - {described}, {dtype}, {machine}, {records[0].steps} steps of {episode.source}")
     for column in ("method", "step ms", "prefill ms", "speed-up step", "speed-up prefill", "reuse", "GFLOPs",
                    "KV MB", "select ms", "select % step"):
         table.add_column(column, justify="left" if column == "method" else "right")

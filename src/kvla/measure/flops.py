@@ -17,6 +17,29 @@ from kvla.engine.layout import TokenLayout
 from kvla.model.vla import VLAConfig
 
 
+@dataclass(frozen=True)
+class DecoderShape:
+    """The decoder numbers the counts read, from a transformers text config (any family kvla drives;
+    head_dim as the config gives it, e.g. Gemma's 256 at hidden 2048 with 8 heads)."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+
+    @classmethod
+    def of(cls, config) -> "DecoderShape":
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(hidden_size=config.hidden_size, num_heads=heads,
+                   num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
+                   intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+                   vocab_size=config.vocab_size)
+
+
 def attention_macs(cfg: VLAConfig, rows: int, key_slots: int) -> int:
     """MACs of one layer's attention proper (QK^T and AV) for `rows` queries over `key_slots` keys."""
     head_dim = cfg.head_dim
