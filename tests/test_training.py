@@ -215,12 +215,21 @@ def test_init_from_starts_from_a_checkpoint_and_refuses_another_shape(tmp_path):
         # another precision in the same process: accelerate's per-process state is renewed per run
         train_policy(TrainConfig(out=str(tmp_path / "d"), max_steps=1, **{**config, "mixed_precision": "no"}),
                      progress=False)
+        # fine-tuning under another mask mode keeps the weights and saves the new mode; resuming under
+        # yet another is refused
+        train_policy(TrainConfig(out=str(tmp_path / "e"), max_steps=1, lr=1e-12, mask_mode="bidirectional",
+                                 init_from=str(tmp_path / "a" / "checkpoint"), **config), progress=False)
+        with pytest.raises(ValueError, match="trained with mask_mode 'bidirectional'.*resume with the same mask mode"):
+            train_policy(TrainConfig(out=str(tmp_path / "e"), max_steps=2, **config), resume=True, progress=False)
     finally:
         train_module.reference_config = original
     a, _ = load_policy_checkpoint(tmp_path / "a" / "checkpoint")
     b, _ = load_policy_checkpoint(tmp_path / "b" / "checkpoint")
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(pa, pb, atol=1e-6), name  # a step at lr 1e-12 moves nothing
+    e, _ = load_policy_checkpoint(tmp_path / "e" / "checkpoint")
+    assert e.config.mask_mode == "bidirectional" and e.layout.mask_mode == "bidirectional"
+    assert a.config.mask_mode == "causal"
 
 
 def test_mixed_precision_settings():

@@ -244,6 +244,8 @@ def train_policy_command(
     threads: int = typer.Option(0, help="torch CPU threads (0: leave as is)."),
     resume: bool = typer.Option(False, help="Continue from OUT/training_state.pt."),
     init_from: Path = typer.Option(None, help="Start from this checkpoint's weights, fresh optimizer and schedule."),
+    mask_mode: str = typer.Option("causal", help="The prompt's attention: causal (OpenVLA), prefix_lm (actions "
+                                                 "causal after a bidirectional prefix) or bidirectional (OpenVLA-OFT)."),
     progress: bool = typer.Option(True),
 ):
     """Behaviour cloning of the reference VLA on the demonstrations, with held-out validation episodes."""
@@ -257,7 +259,9 @@ def train_policy_command(
         torch.set_num_threads(threads)
     if mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise typer.BadParameter("choose auto, no, bf16 or fp16", param_hint="--mixed-precision")
-    cfg = TrainConfig(data=str(data), out=str(out), parallel=parallel, action_chunk=action_chunk, layers=layers,
+    if mask_mode not in ("causal", "prefix_lm", "bidirectional"):
+        raise typer.BadParameter("choose causal, prefix_lm or bidirectional", param_hint="--mask-mode")
+    cfg = TrainConfig(mask_mode=mask_mode, data=str(data), out=str(out), parallel=parallel, action_chunk=action_chunk, layers=layers,
                       cameras=tuple(c.strip() for c in cameras.split(",") if c.strip()),
                       mixed_precision=mixed_precision, init_from=str(init_from or ""), batch_size=batch_size, lr=lr, max_steps=max_steps, max_minutes=max_minutes,
                       val_every=val_every, seed=seed)

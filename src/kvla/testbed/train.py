@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ class TrainConfig:
     log_every: int = 50
     shift_pixels: int = 4  # random-shift augmentation
     seed: int = 0
+    mask_mode: str = "causal"  # the prompt's attention (causal, prefix_lm, bidirectional); with init_from: the new one
 
 
 class DemoFrames:
@@ -224,10 +225,18 @@ def train_policy(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         unknown = [text for text in instructions if tokenizer.unknown_words(text)]
         if unknown:
             raise ValueError(f"{start_from}'s tokenizer does not know the words of {unknown}")
+        if model.config.mask_mode != cfg.mask_mode:
+            if resume and state_path.exists():
+                raise ValueError(f"{start_from} was trained with mask_mode {model.config.mask_mode!r}, this run asks "
+                                 f"for {cfg.mask_mode!r}: resume with the same mask mode")
+            # fine-tuning a checkpoint under another mask: same weights, the new prompt attention
+            model.config = replace(model.config, mask_mode=cfg.mask_mode)
+            model.layout = model.config.layout()
     else:
         tokenizer = InstructionTokenizer.from_instructions(sorted(set(TASKS.values()) | set(instructions)))
-        model = VLAModel(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk,
-                                          num_layers=cfg.layers, num_cameras=len(cameras), image_size=image_size))
+        model = VLAModel(replace(reference_config(tokenizer, parallel=cfg.parallel, action_chunk=cfg.action_chunk,
+                                                  num_layers=cfg.layers, num_cameras=len(cameras),
+                                                  image_size=image_size), mask_mode=cfg.mask_mode))
     train_infos, val_infos = split_demos(infos, cfg.val_episodes_per_task)
 
     def frames_of(selected):
