@@ -1,6 +1,7 @@
 """Analytic FLOP counts against torch's FlopCounterMode on the real forward."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,3 +150,26 @@ def test_a_host_step_matches_analytic_count(name):
     analytic = step_flops(cfg, layout, step.result.computed_tokens, batch=1, statistic_rows=step.result.statistic_rows)
     assert abs(counted - (analytic.prefill + analytic.action_decoding + analytic.head)) / counted < 0.01
     assert analytic.vision == 2 * cfg.vision_macs_per_sample > 0
+
+
+@pytest.mark.parametrize("mode", ["causal", "prefix_lm", "bidirectional"])
+def test_visible_keys_count_what_the_mask_of_the_mode_lets_through(mode):
+    """Against a count written out here: a full prefill of a prompt of S tokens sees S(S+1)/2 keys
+    under a causal mask, S^2 under a bidirectional one; the dense count is the same in every mode."""
+    from conftest import make_lm
+    from kvla import TokenLayout
+
+    layout = TokenLayout.single_prompt(num_visual=8, num_text=3, num_action_tokens=4, parallel_actions=True,
+                                       mask_mode=mode)
+    lm = make_lm("llama", num_layers=2)
+    engine = PartialPrefillEngine(lm)
+    result = engine.prefill(torch.randn(2, layout.seq_len, 64), layout, ReusePlan.full(2, layout, 2), EpisodeState())
+    S, P = layout.seq_len, layout.action_span[0]
+    expected = {"causal": S * (S + 1) // 2, "bidirectional": S * S,
+                "prefix_lm": P * P + sum(P + i + 1 for i in range(S - P))}[mode]
+    assert result.visible_keys.tolist() == [2 * expected] * 2
+    shape = SimpleNamespace(num_heads=4, head_dim=16, hidden_size=64, num_kv_heads=2, intermediate_size=128,
+                            num_layers=2, vocab_size=300, vision_macs_per_sample=0)
+    flops = step_flops(shape, layout, result.computed_tokens, batch=2, visible_keys=result.visible_keys.tolist())
+    assert flops.prefill_attention_visible == 2 * 2 * 4 * 16 * 2 * 2 * expected
+    assert flops.prefill_attention_dense == 2 * 2 * 2 * (2 * S * 4 * 16 * (S + 1))  # S rows x (S + discard) slots

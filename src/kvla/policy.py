@@ -35,6 +35,7 @@ class StepOutput:
     statistic_rows: list[int]  # query rows recomputed per decoder layer for attention statistics
     visual_depth: torch.Tensor  # [B, V] layers each visual token was computed in (num_layers: all)
     notes: dict = field(default_factory=dict)
+    visible_keys: list[int] | None = None  # per layer, (row, key) pairs the prefill's mask let through (step only)
 
     @property
     def step_ms(self) -> float:
@@ -92,6 +93,7 @@ class CachedVLAPolicy:
             prefill_ms=(after_prefill - after_select) * 1e3, decode_ms=(end - after_prefill) * 1e3,
             reuse_ratio=result.reuse_ratio(engine.num_layers), computed_tokens=result.computed_tokens,
             statistic_rows=result.statistic_rows, visual_depth=result.visual_depth, notes=plan.notes,
+            visible_keys=result.visible_keys.tolist(),
         )
 
     @torch.no_grad()

@@ -34,6 +34,10 @@ class PrefillResult:
     statistic_rows: list[int]  # per layer, query rows recomputed for attention statistics (padding included)
     pruned: torch.Tensor | None  # [B, V] bool, visual tokens dropped by a pruning plan
     visual_depth: torch.Tensor  # [B, V] layers each visual token was actually computed in
+    # per layer, (row, key) pairs the mask let through, summed over the batch (padding rows included,
+    # as in computed_tokens): what a mask-aware attention kernel would compute; a dense one computes
+    # rows x all key slots whatever the mask mode
+    visible_keys: torch.Tensor | None = None
 
     def reuse_ratio(self, num_layers: int, rows: slice = slice(None)) -> float:
         """Fraction of visual (token, layer) computations skipped (reused, or pruned), over the
@@ -214,6 +218,7 @@ class PartialPrefillEngine:
         if want_entropy:
             entropy = torch.zeros(batch, num_layers, device=device)
         statistic_rows = [0] * num_layers
+        visible_keys = torch.zeros(num_layers, dtype=torch.long, device=device)
         pruned = None
         key_block = None  # additive [B, 1, 1, slots] applied from the layer after pruning on
 
@@ -226,6 +231,7 @@ class PartialPrefillEngine:
             cos, sin = rope[self.parts.layer_rope_keys[index]]
             mask = masks[self.parts.layer_windows[index]]
             layer_mask = mask if key_block is None else mask + key_block
+            visible_keys[index] = (layer_mask == 0).sum()
             cache.layers[index].write_slots = torch.where(row_depth > index, rows, discard_slot)
             layer_input = hidden
             layer_positions = rows + layout.position_offset if layout.rope_positions is None else rows
@@ -296,6 +302,7 @@ class PartialPrefillEngine:
             state.layer_entropy = entropy
         return PrefillResult(logits=logits, relevance=relevance, layer_entropy=entropy,
                              computed_tokens=rows_per_layer, statistic_rows=statistic_rows, pruned=pruned,
+                             visible_keys=visible_keys,
                              visual_depth=visual_depth)
 
     @staticmethod

@@ -102,6 +102,11 @@ class StepFlops:
     action_decoding: int
     head: int
     statistics_per_layer: list[int] = field(default_factory=list)  # the statistics' part of prefill_per_layer
+    # the prefill's attention proper (QK^T and AV), inside prefill_per_layer: as executed (every row against
+    # every key slot, whatever the mask), and what a mask-aware kernel would need (the keys each row may see;
+    # about half the prompt under a causal mask, all of it under a bidirectional one); 0 when not given
+    prefill_attention_dense: int = 0
+    prefill_attention_visible: int = 0
 
     @property
     def prefill(self) -> int:
@@ -120,10 +125,11 @@ class StepFlops:
 
 
 def step_flops(cfg: VLAConfig, layout: TokenLayout, computed_tokens: list[int], batch: int,
-               statistic_rows: list[int] | None = None) -> StepFlops:
+               statistic_rows: list[int] | None = None, visible_keys: list[int] | None = None) -> StepFlops:
     """FLOPs of a step whose prefill computed `computed_tokens[l]` rows (per sample) in layer l and
     recomputed attention statistics for `statistic_rows[l]` query rows (StepOutput.statistic_rows;
-    None: no statistics)."""
+    None: no statistics); `visible_keys` (StepOutput.visible_keys, batch-summed) gives the
+    mask-aware attention count."""
     slots = cache_slots(layout)
     statistic_rows = statistic_rows if statistic_rows is not None else [0] * len(computed_tokens)
     if len(statistic_rows) != len(computed_tokens):
@@ -134,9 +140,11 @@ def step_flops(cfg: VLAConfig, layout: TokenLayout, computed_tokens: list[int], 
     decode_tokens = 0 if layout.parallel else layout.num_action_tokens - 1
     decoding = 2 * batch * decode_tokens * cfg.num_layers * decoder_layer_macs(cfg, 1, slots)
     head = 2 * batch * head_macs(cfg, outputs + decode_tokens)
+    dense = sum(2 * batch * attention_macs(cfg, rows, slots) for rows in computed_tokens)
+    visible = 2 * 2 * cfg.num_heads * cfg.head_dim * sum(visible_keys) if visible_keys is not None else 0
     return StepFlops(vision=2 * batch * vision_macs(cfg), prefill_per_layer=prefill,
                      prefill_tokens_per_layer=list(computed_tokens), action_decoding=decoding, head=head,
-                     statistics_per_layer=statistics)
+                     statistics_per_layer=statistics, prefill_attention_dense=dense, prefill_attention_visible=visible)
 
 
 def plain_prefill_macs(cfg: VLAConfig, prompt_tokens: int) -> int:

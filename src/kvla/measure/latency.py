@@ -31,6 +31,8 @@ class LatencyRecord:
     steps: int
     flops_by_part: dict  # mean FLOPs per step: vision, prefill, action_decoding, head
     prefill_tokens_per_layer: list[float]  # mean rows computed in each decoder layer
+    # mean prefill attention FLOPs: executed (dense over every key slot) and visible (what the mask lets through)
+    prefill_attention_flops: dict | None = None
 
 
 def _median(values):
@@ -72,7 +74,8 @@ def run_latency(model: VLAModel, method_specs: list[str], episode: Episode, *, s
     bytes_per_element = torch.finfo(next(model.parameters()).dtype).bits // 8
     for label, outs in zip(labels, outputs):
         measured = outs[skip_first:]
-        counts = [step_flops(model.config, layout, o.computed_tokens, batch=1, statistic_rows=o.statistic_rows) for o in measured]
+        counts = [step_flops(model.config, layout, o.computed_tokens, batch=1, statistic_rows=o.statistic_rows,
+                             visible_keys=o.visible_keys) for o in measured]
         flops = [c.total for c in counts]
         parts = {part: float(statistics.fmean(getattr(c, part) for c in counts))
                  for part in ("vision", "prefill", "action_decoding", "head")}
@@ -93,6 +96,8 @@ def run_latency(model: VLAModel, method_specs: list[str], episode: Episode, *, s
             steps=len(measured),
             flops_by_part=parts,
             prefill_tokens_per_layer=tokens_per_layer,
+            prefill_attention_flops={kind: float(statistics.fmean(getattr(c, f"prefill_attention_{kind}") for c in counts))
+                                     for kind in ("dense", "visible")},
         ))
     return records
 
