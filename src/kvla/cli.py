@@ -209,6 +209,10 @@ def list_presets():
         console.print(f"[bold]{name}[/bold]: {cfg.family} decoder {cfg.num_layers}x{cfg.hidden_size}, "
                       f"{cfg.num_visual} visual tokens ({cfg.image_size}px / {cfg.patch_size}px patches), "
                       f"prompt {cfg.layout().seq_len} tokens")
+    from kvla.hosts.presets import HOST_PRESETS
+
+    console.print("VLM hosts for `kvla bench latency --model` (random weights, published shapes; built on use): "
+                  + ", ".join(HOST_PRESETS))
 
 
 def main():  # pragma: no cover
