@@ -1,6 +1,7 @@
 """`kvla serve` over loopback: openpi's framing, one episode per connection, robots kept apart,
 bad input refused without harm to anyone, the API key, /healthz and a graceful shutdown."""
 
+import contextlib
 import threading
 import urllib.error
 import urllib.request
@@ -492,10 +493,11 @@ def test_fuzzed_messages_through_a_live_server_are_answered_refused_or_closed_ne
     expected_tokens = alone.action_tokens[0].numpy()
     sockets = {}
     closes = []
+    opened = contextlib.ExitStack()
 
     def robot():
         if "robot" not in sockets:
-            sockets["robot"] = connect(server.uri, compression=None, max_size=None)
+            sockets["robot"] = opened.enter_context(connect(server.uri, compression=None, max_size=None))
             assert "observation" in unpack(sockets["robot"].recv())
         return sockets["robot"]
 
@@ -540,6 +542,5 @@ def test_fuzzed_messages_through_a_live_server_are_answered_refused_or_closed_ne
         health = urllib.request.urlopen(f"http://127.0.0.1:{server.server.port}/healthz", timeout=10).read()
         assert b'"status": "ok"' in health
     finally:
-        for socket in sockets.values():
-            socket.close()
+        opened.close()
         server.stop()

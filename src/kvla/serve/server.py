@@ -376,6 +376,8 @@ class BackgroundServer:
             ready = asyncio.Event()
             task = asyncio.create_task(self.server.serve(self.stop_event, ready))
             await asyncio.wait({task, asyncio.create_task(ready.wait())}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():  # it could not start: raise here, so the error is set before anyone is woken
+                await task
             self._started.set()
             await task
 
