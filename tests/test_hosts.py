@@ -193,3 +193,23 @@ def test_an_unknown_host_and_a_proprio_are_refused_by_name():
     frames, text = _inputs(vla, 1)
     with pytest.raises(ValueError, match="takes no proprio"):
         vla.prompt_embeddings(vla.encode_images(vla.policy_images(frames)), text, torch.zeros(1, 4))
+
+
+@pytest.mark.parametrize("name", ["paligemma", "qwen2-vl"])
+def test_every_method_runs_on_a_host_and_lac_refuses_another_grid(name):
+    """The methods read the host's layout (spans, cells): static reuse of an unchanged scene stays
+    exact, FastV prunes, periodic refreshes; LAC's modules, trained for the reference VLA's grid,
+    refuse this one by name."""
+    vla = _vla(name, cameras=2)
+    frames, text = _inputs(vla, 1, seed=4)
+    reference = _host_reference(vla, frames, text)[1]
+    for method in ("static", "fastv", "periodic"):
+        policy = CachedVLAPolicy(vla, method)
+        outs = [policy.step(frames, text) for _ in range(3)]
+        if method == "static":
+            assert [o.reuse_ratio for o in outs] == [0.0, 1.0, 1.0]
+            assert all(torch.equal(o.action_tokens, reference) for o in outs)
+        if method == "fastv":
+            assert all(o.reuse_ratio > 0 for o in outs)  # pruned tokens
+    with pytest.raises(ValueError, match="LAC modules .* were trained for 2 camera"):
+        CachedVLAPolicy(vla, "lac").step(frames, text)
