@@ -485,6 +485,8 @@ def eval_command(
     fidelity: bool = typer.Option(False, help="Teacher-forced proxy on held-out demonstrations instead of closed loop."),
     data: Path = typer.Option(Path("data/metaworld_mt10.hdf5"), help="Demonstrations, for --fidelity."),
     fidelity_episodes: int = typer.Option(2, help="Held-out demonstration episodes per task for --fidelity."),
+    perturb: str = typer.Option("none", help="--fidelity: a photometric perturbation of the frames (none, flicker, "
+                                             "exposure_ramp, colour_shift, shadow)."),
     progress: bool = typer.Option(True),
 ):
     """Closed-loop success, paired across methods by seed; or --fidelity on demonstration frames."""
@@ -511,7 +513,13 @@ def eval_command(
         raise typer.BadParameter(f"{checkpoint} is not a checkpoint directory (no config.json)", param_hint="--checkpoint")
 
     if fidelity:
-        _eval_fidelity(checkpoint, specs, task_list, data, fidelity_episodes, json_path, progress)
+        from kvla.testbed.photometric import perturbation
+
+        try:
+            perturbation(perturb)
+        except ValueError as error:
+            raise typer.BadParameter(str(error), param_hint="--perturb") from None
+        _eval_fidelity(checkpoint, specs, task_list, data, fidelity_episodes, json_path, progress, perturb)
         return
     if ray_address is not None:
         try:
@@ -577,7 +585,8 @@ def _eval_videos(checkpoint, specs, task, seed, max_steps, video: Path):
         console.print(f"wrote {path} ({task}, seed {seed}, success {outcome.success}, {outcome.steps} steps)")
 
 
-def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: int, json_path, progress):
+def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: int, json_path, progress,
+                   perturb: str = "none"):
     from dataclasses import asdict
 
     from kvla.testbed import evaluate
@@ -604,8 +613,11 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
         if len(chosen.setdefault(info.task, [])) < episodes_per_task:
             chosen[info.task].append(info.name)
     demos = load_demos(data, cameras, [name for names in chosen.values() for name in names])  # only these frames
-    records = evaluate.run_fidelity(model, tokenizer, demos, specs, progress=progress)
-    table = Table(title=f"kvla eval --fidelity - {len(demos)} held-out demonstrations, teacher-forced")
+    from kvla.testbed.photometric import perturbation
+
+    records = evaluate.run_fidelity(model, tokenizer, demos, specs, progress=progress, perturbation=perturbation(perturb))
+    table = Table(title=f"kvla eval --fidelity - {len(demos)} held-out demonstrations, teacher-forced, "
+                        f"perturbation {perturb}")
     for column in ("method", "frames", "token agreement with full", "L1 vs full", "L1 vs demo", "reuse"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in records:

@@ -31,12 +31,15 @@ class PlanContext:
     def full_plan(self, **kwargs) -> ReusePlan:
         return ReusePlan.full(self.batch_size, self.layout, self.num_layers, **kwargs)
 
-    def patch_similarity(self) -> torch.Tensor:
-        """Cosine similarity [B, V] of each patch with the frame its cached K/V came from."""
+    def patch_similarity(self, rule: str = "cosine", levels: float = 2.0) -> torch.Tensor:
+        """Similarity [B, V] of each patch with the frame its cached K/V came from, by a change rule
+        of methods/change.py (cosine: the paper's; photometric: also sees brightness, contrast, colour)."""
+        from kvla.methods.change import patch_similarity
+
         source = self.state.source_patches
         if source is None:
             raise RuntimeError("no source frame recorded; the first step of an episode must be full")
-        return torch.nn.functional.cosine_similarity(self.patches, source.to(self.patches.device), dim=-1, eps=1e-8)
+        return patch_similarity(self.patches, source, rule, levels)
 
     def embedding_similarity(self) -> torch.Tensor:
         """Cosine similarity [B, V] of each visual token's decoder input with the one its cached K/V came from."""

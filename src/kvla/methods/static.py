@@ -21,10 +21,18 @@ class StaticReuse(ReuseMethod):
     name = "static"
     tau: float = 0.996  # static-patch cosine threshold
     max_age: int = 0  # recompute a token whose K/V is this many steps old (0: never forced)
+    change: str = "cosine"  # change rule (methods/change.py): cosine (paper) or photometric
+    levels: float = 2.0  # photometric: largest change of a channel's patch mean or std, in grey levels
+
+    def __post_init__(self):
+        from kvla.methods.change import CHANGE_RULES
+
+        if self.change not in CHANGE_RULES:
+            raise ValueError(f"change must be one of {', '.join(CHANGE_RULES)}, got {self.change!r}")
 
     def plan(self, ctx: PlanContext) -> ReusePlan:
         if not ctx.state.has_cache:
             return ctx.full_plan()
-        static = (ctx.patch_similarity() >= self.tau) & ctx.reusable_candidates(self.max_age)
+        static = (ctx.patch_similarity(self.change, self.levels) >= self.tau) & ctx.reusable_candidates(self.max_age)
         depth = torch.where(static, 0, ctx.num_layers).long()
         return ReusePlan(visual_depth=depth, notes={"static": static.sum(1).float().mean().item()})

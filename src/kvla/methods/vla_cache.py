@@ -100,12 +100,18 @@ class VLACache(ReuseMethod):
     code_layers: tuple[int, ...] = ()  # () = official (2, 6, 9, 11) of 32 scaled to the model's depth
     max_age: int = 0  # force recompute of K/V at least this many steps old (0: never)
     similarity: str = "pixels"  # "pixels" (paper: image patches) or "embeddings" (kvla: decoder inputs)
+    change: str = "cosine"  # change rule of pixel patches (methods/change.py): cosine (paper) or photometric
+    levels: float = 2.0  # photometric: largest change of a channel's patch mean or std, in grey levels
 
     def __post_init__(self):
         if self.relevance_rule not in ("threshold", "top_k"):
             raise ValueError(f"relevance_rule must be 'threshold' or 'top_k', got {self.relevance_rule!r}")
         if self.similarity not in ("pixels", "embeddings"):
             raise ValueError(f"similarity must be 'pixels' or 'embeddings', got {self.similarity!r}")
+        from kvla.methods.change import CHANGE_RULES
+
+        if self.change not in CHANGE_RULES:
+            raise ValueError(f"change must be one of {', '.join(CHANGE_RULES)}, got {self.change!r}")
         if self.schedule not in ("paper", "code", "none"):
             raise ValueError(f"schedule must be 'paper', 'code' or 'none', got {self.schedule!r}")
         if not 0.0 <= self.tau <= 1.0 or self.top_k < 0 or self.task_top_k < 0:
@@ -134,7 +140,8 @@ class VLACache(ReuseMethod):
         if not state.has_cache or (needs_entropy and state.layer_entropy is None):
             return ctx.full_plan(relevance_layers=relevance_layers, collect_entropy=needs_entropy)
 
-        similarity = ctx.patch_similarity() if self.similarity == "pixels" else ctx.embedding_similarity()
+        similarity = (ctx.patch_similarity(self.change, self.levels) if self.similarity == "pixels"
+                      else ctx.embedding_similarity())
         static = (similarity >= self.tau) & ctx.reusable_candidates(self.max_age)
         static = self._top_k_per_camera(static, similarity, ctx)
         relevant = self._task_relevant(state.relevance, static)

@@ -325,11 +325,13 @@ class FidelityRecord:
     reuse_ratio: float
 
 
-def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: bool = True) -> list[FidelityRecord]:
+def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: bool = True,
+                 perturbation=None) -> list[FidelityRecord]:
     """Feed held-out demonstration episodes (teacher-forced: the recorded observations, not the
     policy's own) to every method at the frames the policy would act on - every frame, or with an
     action chunk of K every K-th frame, as in the closed loop - and compare the whole predicted
-    action (chunk) with `full`'s and with the demonstrated actions."""
+    action (chunk) with `full`'s and with the demonstrated actions. `perturbation` (testbed/
+    photometric.py) is applied to each frame at its env step, the same for every method."""
     specs = list(dict.fromkeys(["full", *method_specs]))
     policies = [CachedVLAPolicy(model, parse_method(spec)) for spec in specs]
     chunk = model.config.action_chunk
@@ -343,7 +345,8 @@ def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: boo
             policy.reset()
         length = len(demo.actions)
         for t in range(0, length, chunk):
-            image = torch.as_tensor(demo.images[t])[None]  # [1, (C,) S, S, 3]
+            frame = demo.images[t] if perturbation is None else perturbation(np.asarray(demo.images[t]), t)
+            image = torch.as_tensor(frame)[None]  # [1, (C,) S, S, 3]
             proprio = torch.as_tensor(demo.proprio[t], dtype=torch.float32)[None] if model.config.proprio_dim else None
             for index, policy in enumerate(policies):
                 out = policy.step(image, text_ids, proprio)
