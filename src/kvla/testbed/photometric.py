@@ -14,9 +14,16 @@ def _scaled(frames: np.ndarray, gain) -> np.ndarray:
     return np.clip(frames.astype(np.float32) * gain, 0, 255).round().astype(np.uint8)
 
 
+def flicker_dimmed(step: int) -> bool:
+    """Whether env step `step` is a dim one: half of the steps, in an irregular but fixed pattern
+    (mains flicker aliased against the frame rate), so that a policy observing every K-th step
+    sees it whatever K is."""
+    return bool(((step * 0x9E3779B1) & 0xFFFFFFFF) >> 31)
+
+
 def flicker(frames: np.ndarray, step: int) -> np.ndarray:
-    """Every other frame at 80 % brightness (mains flicker against the exposure time)."""
-    return _scaled(frames, 0.8) if step % 2 else frames
+    """Half of the frames at 80 % brightness (flicker_dimmed)."""
+    return _scaled(frames, 0.8) if flicker_dimmed(step) else frames
 
 
 def exposure_ramp(frames: np.ndarray, step: int) -> np.ndarray:
