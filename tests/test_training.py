@@ -166,6 +166,10 @@ def test_eval_cli_reports_the_step_by_part(tmp_path):
     parts = [full[f"{p}_ms"] for p in ("vision", "select", "prefill", "decode")]
     assert all(p >= 0 for p in parts) and full["prefill_ms"] > 0
     assert sum(parts) <= full["step_ms"] * 1.5  # medians of parts, roughly the median step
+    receipt = json.loads((tmp_path / "eval.receipt.json").read_text())  # what produced these numbers
+    assert receipt["command"] == "kvla eval" and receipt["model"]["checkpoint"] == str(tmp_path / "ckpt")
+    assert len(receipt["model"]["sha256"]) == 64 and [m["name"] for m in receipt["methods"]] == ["full", "static"]
+    assert receipt["agreement_with_full"] is None and "--fidelity" in receipt["agreement_note"]
 
 
 def test_fidelity_acts_on_the_frames_the_closed_loop_would(tmp_path):

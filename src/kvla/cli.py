@@ -89,9 +89,18 @@ def bench_latency(
                       f"{r.kv_bytes / 2**20:.1f}", f"{r.select_ms:.2f}", f"{r.select_ms / r.step_ms:.1%}")
     console.print(table)
     if json_path:
+        from kvla.measure.receipt import make_receipt, write_receipt
+
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(records_as_json(records), indent=2))
-        console.print(f"wrote {json_path}")
+        source = {"host_model": model_name} if model_name is not None else {"preset": preset}
+        receipt = make_receipt(
+            "kvla bench latency", model={**source, "seed": seed, "weights": "random, from the seed"},
+            methods=[parse_method(s) for s in dict.fromkeys(["full", *specs])], device=device, dtype=_DTYPES[dtype],
+            agreement={r.method: {"token_agreement": r.token_agreement_with_full, "l1_vs_full": r.l1_vs_full}
+                       for r in records},
+            extra={"frames": episode.source, "steps": records[0].steps})
+        console.print(f"wrote {json_path} and {write_receipt(json_path, receipt)}")
 
 
 @bench_app.command("history")
@@ -550,9 +559,17 @@ def eval_command(
                           f"{s.decode_ms:.1f}", f"{s.step_ms:.1f}", f"{s.prefill_ms / s.step_ms:.0%}")
     console.print(parts)
     if json_path:
+        from kvla.measure.receipt import checkpoint_digest, make_receipt, write_receipt
+
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(evaluate.summaries_as_json(summaries), indent=2))
-        console.print(f"wrote {json_path}")
+        receipt = make_receipt(
+            "kvla eval", model={"checkpoint": str(checkpoint), "sha256": checkpoint_digest(checkpoint)},
+            methods=[parse_method(s) for s in specs], device="cpu", dtype=torch.float32, agreement=None,
+            agreement_note="closed loop: each method acts on its own trajectory, so its actions are not compared "
+                           "with full's; kvla eval --fidelity measures agreement on shared frames",
+            extra={"tasks": task_list, "episodes_per_task": episodes, "seed_start": seed_start, "max_steps": max_steps})
+        console.print(f"wrote {json_path} and {write_receipt(json_path, receipt)}")
     if episodes_json:
         episodes_json.parent.mkdir(parents=True, exist_ok=True)
         episodes_json.write_text(json.dumps(evaluate.episodes_as_json(results), indent=1))
@@ -625,6 +642,14 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
                       f"{r.l1_vs_demo:.4f}", f"{r.reuse_ratio:.1%}")
     console.print(table)
     if json_path:
+        from kvla.measure.receipt import checkpoint_digest, make_receipt, write_receipt
+
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps([asdict(r) for r in records], indent=2))
-        console.print(f"wrote {json_path}")
+        receipt = make_receipt(
+            "kvla eval --fidelity", model={"checkpoint": str(checkpoint), "sha256": checkpoint_digest(checkpoint)},
+            methods=[parse_method(s) for s in specs], device="cpu", dtype=torch.float32,
+            agreement={r.method: {"token_agreement": r.token_agreement, "l1_vs_full": r.l1_vs_full} for r in records},
+            extra={"demonstrations": [name for names in chosen.values() for name in names],
+                   "data": str(data), "perturbation": perturb})
+        console.print(f"wrote {json_path} and {write_receipt(json_path, receipt)}")

@@ -33,6 +33,9 @@ class LatencyRecord:
     prefill_tokens_per_layer: list[float]  # mean rows computed in each decoder layer
     # mean prefill attention FLOPs: executed (dense over every key slot) and visible (what the mask lets through)
     prefill_attention_flops: dict | None = None
+    # against full on the same frames: share of equal action tokens, mean |action - full's action|
+    token_agreement_with_full: float | None = None
+    l1_vs_full: float | None = None
 
 
 def _median(values):
@@ -98,6 +101,10 @@ def run_latency(model: VLAModel, method_specs: list[str], episode: Episode, *, s
             prefill_tokens_per_layer=tokens_per_layer,
             prefill_attention_flops={kind: float(statistics.fmean(getattr(c, f"prefill_attention_{kind}") for c in counts))
                                      for kind in ("dense", "visible")},
+            token_agreement_with_full=float(torch.cat([(o.action_tokens == r.action_tokens).float().flatten()
+                                                       for o, r in zip(measured, reference)]).mean()),
+            l1_vs_full=float(torch.cat([(o.actions - r.actions).abs().flatten()
+                                        for o, r in zip(measured, reference)]).mean()),
         ))
     return records
 
