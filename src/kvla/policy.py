@@ -50,8 +50,11 @@ class CachedVLAPolicy:
     out = policy.step(frames, text_ids)  # frames uint8 [B, H, W, 3], or [B, cameras, H, W, 3]
     """
 
-    def __init__(self, model: VLAModel, method: ReuseMethod | str = "full"):
+    def __init__(self, model: VLAModel, method: ReuseMethod | str = "full", guard=None):
+        """guard: a kvla.guard.FidelityGuard that checks the accelerated actions against a full step
+        at a cadence and refreshes and tightens reuse when they drift (None: no guard)."""
         self.model = model
+        self.guard = guard
         self.method = parse_method(method) if isinstance(method, str) else method
         if getattr(self.method, "kind", "") == "history":
             raise ValueError(f"{self.method.name} is a history method: run it on a history VLA with HistoryVLAPolicy")
@@ -82,19 +85,66 @@ class CachedVLAPolicy:
         ctx = PlanContext(patches=patches, state=self.state, layout=layout, num_layers=engine.num_layers,
                           visual_embeddings=embeds[:, layout.visual_positions.to(embeds.device)])
         plan = self.method.plan(ctx)
+        check = False
+        if self.guard is not None:
+            plan.visual_depth = self.guard.cap(self.state, plan.visual_depth, engine.num_layers)
+            changed = None
+            if self.state.has_cache and self.guard.on_change:
+                changed = 1.0 - (ctx.patch_similarity("photometric") >= 0.996).float().mean().item()
+            check = self.guard.should_check(self.state, changed)
         after_select = self._sync()
         result = engine.prefill(embeds, layout, plan, self.state, visual_patches=patches)
         after_prefill = self._sync()
         tokens = self._action_tokens(result, self.state)
         end = self._sync()
+        actions, notes = model.tokens_to_actions(tokens), dict(plan.notes)
+        if self.guard is not None:
+            result, tokens, actions, notes["guard"] = self._guard_step(
+                check, embeds, patches, plan, result, tokens, actions, (end - start) * 1e3)
         return StepOutput(
-            action_tokens=tokens, actions=model.tokens_to_actions(tokens), logits=result.logits,
+            action_tokens=tokens, actions=actions, logits=result.logits,
             vision_ms=(after_vision - start) * 1e3, select_ms=(after_select - after_vision) * 1e3,
             prefill_ms=(after_prefill - after_select) * 1e3, decode_ms=(end - after_prefill) * 1e3,
             reuse_ratio=result.reuse_ratio(engine.num_layers), computed_tokens=result.computed_tokens,
-            statistic_rows=result.statistic_rows, visual_depth=result.visual_depth, notes=plan.notes,
+            statistic_rows=result.statistic_rows, visual_depth=result.visual_depth, notes=notes,
             visible_keys=result.visible_keys.tolist(),
         )
+
+    def _guard_step(self, check, embeds, patches, plan, result, tokens, actions, step_ms):
+        """The guard's part of a step: on a check, the full step from nothing cached; on a breach its
+        cache becomes the episode's and its actions are returned."""
+        from kvla.engine.plan import ReusePlan
+
+        guard, state, engine, layout = self.guard, self.state, self.engine, self.model.layout
+        memory = guard.memory(state)
+        note = {"checked": check, "deviation": None, "token_agreement": None, "refreshed": False, "ms": 0.0}
+        if check:
+            begin = self._sync()
+            scratch = EpisodeState()
+            scratch.step = state.step - 1  # it stands in for this step of the episode
+            full_plan = ReusePlan.full(embeds.shape[0], layout, engine.num_layers, relevance_layers=plan.relevance_layers,
+                                       collect_entropy=plan.collect_entropy)
+            full = engine.prefill(embeds, layout, full_plan, scratch, visual_patches=patches)
+            full_tokens = self._action_tokens(full, scratch)
+            full_actions = self.model.tokens_to_actions(full_tokens)
+            note["deviation"] = (actions - full_actions).abs().mean().item()
+            note["token_agreement"] = (tokens == full_tokens).float().mean().item()
+            if guard.record(state, note["deviation"], note["token_agreement"]):
+                scratch.method_memory = state.method_memory
+                vars(state).update(vars(scratch))  # the full step's K/V and bookkeeping are the episode's now
+                result, tokens, actions, note["refreshed"] = full, full_tokens, full_actions, True
+            note["ms"] = (self._sync() - begin) * 1e3
+        note["max_age"] = memory["max_age"]
+        memory["steps"] += 1
+        memory["guard_ms"] += note["ms"]
+        memory["step_ms"] += step_ms + note["ms"]
+        return result, tokens, actions, note
+
+    def guard_summary(self) -> dict:
+        """The guard's account of the episode so far: checks, breaches, deviations, its share of the step."""
+        if self.guard is None:
+            raise ValueError("this policy has no guard")
+        return self.guard.summary(self.state)
 
     @torch.no_grad()
     def step_episodes(self, states: list[EpisodeState], images: torch.Tensor, text_ids: torch.Tensor,
@@ -107,6 +157,8 @@ class CachedVLAPolicy:
         from kvla.engine.plan import ReusePlan
 
         model, engine, layout = self.model, self.engine, self.model.layout
+        if self.guard is not None:
+            raise ValueError("the fidelity guard runs in step(), one episode at a time; step_episodes does not apply it")
         check_step_inputs(model.config, images, text_ids, proprio)
         if len(states) != images.shape[0] or len({id(s) for s in states}) != len(states):
             raise ValueError(f"step_episodes needs one distinct episode state per sample: {len(states)} states "
