@@ -91,3 +91,61 @@ def test_a_scene_change_triggers_a_check(model):
     policy.step(frames[0], text)
     assert not policy.step(frames[0], text).notes["guard"]["checked"]  # nothing changed
     assert policy.step(255 - frames[0], text).notes["guard"]["checked"]  # everything changed
+
+
+def test_guard_specs_in_method_lists():
+    from kvla.guard import guard_label, split_guard
+
+    method, guard = split_guard("vla_cache:tau=0.99|guard:every=5:bound=0.05")
+    assert method == "vla_cache:tau=0.99" and guard == FidelityGuard(every=5, bound=0.05)
+    assert split_guard("static") == ("static", None)
+    assert guard_label(guard) == "|guard:every=5:bound=0.05" and guard_label(None) == ""
+    with pytest.raises(ValueError, match="bad guard setting 'often=2'"):
+        split_guard("static|guard:often=2")
+
+
+def test_a_guarded_method_in_the_fidelity_proxy(tmp_path, model):
+    """run_fidelity with a guard that checks every step with no tolerance agrees with full exactly."""
+    from test_training import CAMERA, TINY, WRIST_CAMERA, _write_demo_file
+
+    from kvla.model.reference import InstructionTokenizer, reference_config
+    from kvla.testbed.data import load_demos
+    from kvla.testbed.evaluate import run_fidelity
+    from kvla.testbed.sim import TASKS
+
+    path = tmp_path / "demos.hdf5"
+    _write_demo_file(path, (CAMERA, WRIST_CAMERA), episodes_per_task=1, length=7, tasks=("reach-v3",))
+    tokenizer = InstructionTokenizer.from_instructions(list(TASKS.values()))
+    torch.manual_seed(0)
+    vla = VLAModel(reference_config(tokenizer, parallel=True, action_chunk=1, num_layers=2, num_cameras=2, **TINY)).eval()
+    records = run_fidelity(vla, tokenizer, load_demos(path), ["static:tau=0.0|guard:every=1:bound=0.0", "static:tau=0.0"],
+                           progress=False)
+    by_label = {r.method: r for r in records}
+    assert by_label["static:tau=0.0|guard:every=1:bound=0.0"].token_agreement == 1.0
+    assert by_label["static:tau=0.0"].reuse_ratio > 0
+
+
+def test_closed_loop_on_a_photometric_task_with_a_guarded_method(tmp_path):
+    pytest.importorskip("metaworld")
+    from test_testbed import _tiny_reference
+
+    from kvla.testbed.evaluate import run_closed_loop
+    from kvla.testbed.sim import SimEnv, parse_tasks
+
+    assert parse_tasks("mt10@flicker")[0] == "reach-v3@flicker"
+    with SimEnv("reach-v3@flicker", 3, image_size=32) as env, SimEnv("reach-v3", 3, image_size=32) as plain:
+        pairs = [(env.reset()["images"], plain.reset()["images"])]
+        for _ in range(5):
+            pairs.append((env.step(np.zeros(4))[0]["images"], plain.step(np.zeros(4))[0]["images"]))
+    from kvla.testbed.photometric import flicker
+
+    for step, (perturbed, original) in enumerate(pairs):  # the light changes, not the scene
+        assert np.array_equal(perturbed, flicker(original, step))
+    assert any(not np.array_equal(p, o) for p, o in pairs)
+    model, tokenizer = _tiny_reference()
+    model.save_pretrained(tmp_path)
+    tokenizer.save(tmp_path)
+    results = run_closed_loop(str(tmp_path), ["full", "static|guard:every=2"], ["reach-v3@flicker"], 1, max_steps=6,
+                              workers=1, progress=False)
+    guarded = results[0][1]
+    assert guarded.method == "static|guard:every=2" and guarded.guard["checks"] >= 2

@@ -82,3 +82,37 @@ class FidelityGuard:
                                          if memory["agreements"] else None),
                 "max_age_now": memory["max_age"],
                 "guard_share_of_step": memory["guard_ms"] / memory["step_ms"] if memory["step_ms"] else 0.0}
+
+
+GUARD_SEPARATOR = "|guard"
+
+
+def split_guard(spec: str) -> tuple[str, FidelityGuard | None]:
+    """"vla_cache:tau=0.99|guard:every=10:bound=0.02" -> ("vla_cache:tau=0.99", FidelityGuard(10, 0.02));
+    a spec without "|guard" -> (spec, None). The CLI's --methods take such specs."""
+    import typing
+
+    from kvla.methods.base import _coerce
+
+    if GUARD_SEPARATOR not in spec:
+        return spec, None
+    method, guard = spec.split(GUARD_SEPARATOR, 1)
+    kwargs = {}
+    hints = typing.get_type_hints(FidelityGuard)
+    for item in (s for s in guard.split(":") if s):
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise ValueError(f"bad guard setting {item!r}; settings: {', '.join(hints)}")
+        kwargs[key] = _coerce(value, hints[key], key)
+    return method, FidelityGuard(**kwargs)
+
+
+def guard_label(guard: FidelityGuard | None) -> str:
+    """The guard part of a method's label ('' for none): its settings that differ from the defaults."""
+    import dataclasses
+
+    if guard is None:
+        return ""
+    changed = [f"{f.name}={getattr(guard, f.name)}" for f in dataclasses.fields(guard)
+               if getattr(guard, f.name) != f.default]
+    return GUARD_SEPARATOR + "".join(f":{c}" for c in changed)

@@ -40,6 +40,7 @@ class EpisodeOutcome:
     kv_bytes: list[int] = field(default_factory=list)
     attended: list[int] = field(default_factory=list)
     attention_flops: list[float] = field(default_factory=list)
+    guard: dict | None = None  # the fidelity guard's summary of the episode (FidelityGuard.summary)
 
 
 def shade_reused(images: np.ndarray, visual_depth: torch.Tensor, num_layers: int, patch: int) -> np.ndarray:
@@ -75,7 +76,10 @@ def run_episode(policy, text_ids: torch.Tensor, task: str, seed: int, image_size
     actions_per_call = policy.history.frame_stride if history else cfg.action_chunk
     if len(cameras) != cfg.num_cameras:
         raise ValueError(f"the model takes {cfg.num_cameras} camera(s) but {len(cameras)} were given: {cameras}")
-    outcome = EpisodeOutcome(method=method_label(policy.method), task=task, seed=seed, success=False, steps=0)
+    from kvla.guard import guard_label
+
+    label = method_label(policy.method) + guard_label(getattr(policy, "guard", None))
+    outcome = EpisodeOutcome(method=label, task=task, seed=seed, success=False, steps=0)
     frames = []
     policy.reset()
     with SimEnv(task, seed, image_size=image_size, max_steps=max_steps, cameras=cameras) as env:
@@ -114,6 +118,8 @@ def run_episode(policy, text_ids: torch.Tensor, task: str, seed: int, image_size
                 outcome.success |= success
                 if done:
                     break
+    if getattr(policy, "guard", None) is not None:
+        outcome.guard = policy.guard_summary()
     return outcome, frames
 
 
@@ -143,10 +149,18 @@ def make_policies(checkpoint, model, method_specs: list[str]) -> list:
     from kvla.history_policy import HistoryVLAPolicy
     from kvla.model.history import is_history_checkpoint, load_history_config
 
+    from kvla.guard import split_guard
+
     if is_history_checkpoint(checkpoint):
         history = load_history_config(checkpoint)
+        if any(split_guard(spec)[1] is not None for spec in method_specs):
+            raise ValueError("the fidelity guard runs on single-frame VLAs; a history VLA takes none")
         return [HistoryVLAPolicy(model, history, parse_method(spec)) for spec in method_specs]
-    return [CachedVLAPolicy(model, parse_method(spec)) for spec in method_specs]
+    policies = []
+    for spec in method_specs:  # "method|guard:every=10:bound=0.02" puts a fidelity guard on the method
+        method, guard = split_guard(spec)
+        policies.append(CachedVLAPolicy(model, parse_method(method), guard=guard))
+    return policies
 
 
 def _run_job(job) -> list[EpisodeOutcome]:
@@ -280,7 +294,8 @@ def episodes_as_json(results: list[list[EpisodeOutcome]]) -> list[dict]:
              "step_ms_median": statistics.median(o.step_ms) if o.step_ms else None,
              **{f"{part}_ms_median": statistics.median(getattr(o, f"{part}_ms")) if getattr(o, f"{part}_ms") else None
                 for part in ("vision", "select", "prefill", "decode")},
-             "reuse_ratio": statistics.fmean(o.reuse) if o.reuse else 0.0}
+             "reuse_ratio": statistics.fmean(o.reuse) if o.reuse else 0.0,
+             **({"guard": o.guard} if o.guard is not None else {})}
             for job in results for o in job]
 
 
@@ -332,8 +347,10 @@ def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: boo
     action chunk of K every K-th frame, as in the closed loop - and compare the whole predicted
     action (chunk) with `full`'s and with the demonstrated actions. `perturbation` (testbed/
     photometric.py) is applied to each frame at its env step, the same for every method."""
+    from kvla.guard import guard_label, split_guard
+
     specs = list(dict.fromkeys(["full", *method_specs]))
-    policies = [CachedVLAPolicy(model, parse_method(spec)) for spec in specs]
+    policies = [CachedVLAPolicy(model, parse_method(split_guard(spec)[0]), guard=split_guard(spec)[1]) for spec in specs]
     chunk = model.config.action_chunk
     tokens = {i: [] for i in range(len(specs))}
     actions = {i: [] for i in range(len(specs))}
@@ -362,7 +379,7 @@ def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: boo
     for index, spec in enumerate(specs):
         method_tokens, method_actions = torch.stack(tokens[index]), torch.stack(actions[index])
         records.append(FidelityRecord(
-            method=method_label(policies[index].method), frames=len(method_tokens),
+            method=method_label(policies[index].method) + guard_label(policies[index].guard), frames=len(method_tokens),
             token_agreement=(method_tokens == reference_tokens).float().mean().item(),
             l1_vs_full=(method_actions - reference_actions).abs().mean().item(),
             l1_vs_demo=(method_actions - demo_actions).abs().mean().item(),

@@ -57,16 +57,35 @@ MEMORY_TASKS: dict[str, MemoryVariant] = {
     "push-hidden-goal-v3": MemoryVariant("push-v3"),
     "pick-place-hidden-goal-v3": MemoryVariant("pick-place-v3"),
 }
-# every task kvla can run, with its instruction (a memory variant says what its base task says)
-ALL_TASKS: dict[str, str] = TASKS | {name: TASKS[v.base] for name, v in MEMORY_TASKS.items()}
-# named task sets for the CLI's --tasks
-TASK_SETS: dict[str, tuple[str, ...]] = {"mt10": tuple(TASKS), "memory": tuple(MEMORY_TASKS)}
+def _photometric_names() -> tuple[str, ...]:
+    from kvla.testbed.photometric import PERTURBATIONS
+
+    return tuple(PERTURBATIONS)
+
+
+# Photometric variants of the MT10 tasks, "<task>@<perturbation>" (testbed/photometric.py): the same
+# scene, expert and success test, every camera frame perturbed at its env step (flicker, exposure...)
+PHOTOMETRIC_TASKS: dict[str, str] = {f"{task}@{name}": TASKS[task] for name in _photometric_names() for task in TASKS}
+# every task kvla can run, with its instruction (a variant says what its base task says)
+ALL_TASKS: dict[str, str] = TASKS | {name: TASKS[v.base] for name, v in MEMORY_TASKS.items()} | PHOTOMETRIC_TASKS
+# named task sets for the CLI's --tasks: mt10, memory, and mt10@flicker, mt10@exposure_ramp, ...
+TASK_SETS: dict[str, tuple[str, ...]] = {"mt10": tuple(TASKS), "memory": tuple(MEMORY_TASKS)} | {
+    f"mt10@{name}": tuple(f"{task}@{name}" for task in TASKS) for name in _photometric_names()}
 
 
 def base_task(task: str) -> str:
     """The MetaWorld task behind `task` (itself for an MT10 task)."""
     _check_task(task)
+    task = task.split("@")[0]
     return MEMORY_TASKS[task].base if task in MEMORY_TASKS else task
+
+
+def task_perturbation(task: str):
+    """The photometric perturbation of a "<task>@<name>" variant, or None."""
+    from kvla.testbed.photometric import perturbation
+
+    _check_task(task)
+    return perturbation(task.split("@")[1]) if "@" in task else None
 
 
 def parse_tasks(text: str) -> list[str]:
@@ -75,8 +94,8 @@ def parse_tasks(text: str) -> list[str]:
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
-        if item == "all":
-            names += list(ALL_TASKS)
+        if item == "all":  # the MT10 tasks and their memory variants (the photometric ones by their sets)
+            names += list(TASKS) + list(MEMORY_TASKS)
         elif item in TASK_SETS:
             names += list(TASK_SETS[item])
         else:
@@ -184,8 +203,8 @@ def _env_for_seed(task: str, seed: int, **kwargs):
 
 def _check_task(task: str) -> None:
     if task not in ALL_TASKS:
-        raise ValueError(f"unknown task {task!r}; choose from {', '.join(ALL_TASKS)} "
-                         f"(or the sets {', '.join(TASK_SETS)})")
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(list(TASKS) + list(MEMORY_TASKS))}, "
+                         f"a task@perturbation ({', '.join(_photometric_names())}), or the sets {', '.join(TASK_SETS)}")
 
 
 @functools.cache
@@ -227,6 +246,7 @@ class SimEnv:
         self.task, self.seed, self.image_size = task, seed, image_size
         self.instruction = ALL_TASKS[task]
         self.memory = MEMORY_TASKS.get(task)
+        self.perturbation = task_perturbation(task)
         env = _env_for_seed(base_task(task), seed, render_mode="rgb_array", camera_name=CAMERA,
                             width=image_size, height=image_size)
         self.max_steps = env.max_path_length if max_steps is None else max_steps
@@ -263,6 +283,8 @@ class SimEnv:
                 "earlier env was garbage-collected while this one was live. Keep no reference to an env "
                 "after closing it (SimEnv.close releases its own)."
             )
+        if self.perturbation is not None:  # the light changes, not the scene
+            images = self.perturbation(images, self.steps)
         state = state.astype(np.float32)
         return {"images": images, "image": images[0], "proprio": state[:4].copy(), "state": state}
 
