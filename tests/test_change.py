@@ -75,7 +75,7 @@ def test_per_token_and_per_rule_settings():
 
 
 def test_the_photometric_perturbations_change_the_light_not_the_scene():
-    from kvla.testbed.photometric import PERTURBATIONS, perturbation
+    from kvla.testbed.sim import PERTURBATIONS, perturbation
 
     frames = np.random.default_rng(0).integers(20, 220, (2, 32, 32, 3), dtype=np.uint8)  # two cameras
     flicker = perturbation("flicker")
@@ -101,7 +101,7 @@ def test_under_flicker_the_cosine_rule_reuses_and_the_photometric_rule_does_not(
     (K/V computed under the other light); change=photometric recomputes them."""
     from kvla.model.vla import VLAModel
     from kvla.policy import CachedVLAPolicy
-    from kvla.testbed.photometric import flicker
+    from kvla.testbed.sim import flicker
 
     model = VLAModel.from_preset("tiny", seed=0)
     frame = np.random.default_rng(1).integers(30, 220, (1, 32, 32, 3), dtype=np.uint8)

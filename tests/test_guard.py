@@ -137,7 +137,7 @@ def test_closed_loop_on_a_photometric_task_with_a_guarded_method(tmp_path):
         pairs = [(env.reset()["images"], plain.reset()["images"])]
         for _ in range(5):
             pairs.append((env.step(np.zeros(4))[0]["images"], plain.step(np.zeros(4))[0]["images"]))
-    from kvla.testbed.photometric import flicker
+    from kvla.testbed.sim import flicker
 
     for step, (perturbed, original) in enumerate(pairs):  # the light changes, not the scene
         assert np.array_equal(perturbed, flicker(original, step))

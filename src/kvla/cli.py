@@ -527,7 +527,7 @@ def eval_command(
         raise typer.BadParameter(f"{checkpoint} is not a checkpoint directory (no config.json)", param_hint="--checkpoint")
 
     if fidelity:
-        from kvla.testbed.photometric import perturbation
+        from kvla.testbed.sim import perturbation
 
         try:
             perturbation(perturb)
@@ -637,7 +637,7 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
             chosen[info.task].append(info.name)
     demos = load_demos(data, cameras, [name for names in chosen.values() for name in names])  # only these frames
     from kvla.guard import split_guard
-    from kvla.testbed.photometric import perturbation
+    from kvla.testbed.sim import perturbation
 
     records = evaluate.run_fidelity(model, tokenizer, demos, specs, progress=progress, perturbation=perturbation(perturb))
     table = Table(title=f"kvla eval --fidelity - {len(demos)} held-out demonstrations, teacher-forced, "

@@ -346,7 +346,7 @@ def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: boo
     policy's own) to every method at the frames the policy would act on - every frame, or with an
     action chunk of K every K-th frame, as in the closed loop - and compare the whole predicted
     action (chunk) with `full`'s and with the demonstrated actions. `perturbation` (testbed/
-    photometric.py) is applied to each frame at its env step, the same for every method."""
+    sim.py) is applied to each frame at its env step, the same for every method."""
     from kvla.guard import guard_label, split_guard
 
     specs = list(dict.fromkeys(["full", *method_specs]))

@@ -57,13 +57,69 @@ MEMORY_TASKS: dict[str, MemoryVariant] = {
     "push-hidden-goal-v3": MemoryVariant("push-v3"),
     "pick-place-hidden-goal-v3": MemoryVariant("pick-place-v3"),
 }
-def _photometric_names() -> tuple[str, ...]:
-    from kvla.testbed.photometric import PERTURBATIONS
+# ---------------------------------------------------------------- photometric perturbations
+# Photometric perturbations of camera frames: what real robots meet and rendered demos lack.
+#
+# Each is a function (uint8 frames [..., H, W, 3], env step) -> uint8 frames of the same shape,
+# deterministic in the step, applied to every camera. The scene does not change; only the light
+# does, so a change detector that reuses across them keeps K/V computed under other light.
 
+
+def _scaled(frames: np.ndarray, gain) -> np.ndarray:
+    return np.clip(frames.astype(np.float32) * gain, 0, 255).round().astype(np.uint8)
+
+
+def flicker_dimmed(step: int) -> bool:
+    """Whether env step `step` is a dim one: half of the steps, in an irregular but fixed pattern
+    (mains flicker aliased against the frame rate), so that a policy observing every K-th step
+    sees it whatever K is."""
+    return bool(((step * 0x9E3779B1) & 0xFFFFFFFF) >> 31)
+
+
+def flicker(frames: np.ndarray, step: int) -> np.ndarray:
+    """Half of the frames at 80 % brightness (flicker_dimmed)."""
+    return _scaled(frames, 0.8) if flicker_dimmed(step) else frames
+
+
+def exposure_ramp(frames: np.ndarray, step: int) -> np.ndarray:
+    """Auto-exposure settling: brightness falls linearly from 100 % to 60 % over the first 100 steps."""
+    return _scaled(frames, 1.0 - 0.4 * min(step, 100) / 100)
+
+
+def colour_shift(frames: np.ndarray, step: int) -> np.ndarray:
+    """White balance jumping at step 10: red up 10 %, blue down 10 %."""
+    return _scaled(frames, np.array([1.1, 1.0, 0.9], np.float32)) if step >= 10 else frames
+
+
+def shadow(frames: np.ndarray, step: int) -> np.ndarray:
+    """A shadow band a quarter of the frame wide at 60 % brightness, crossing the frame every 40 steps."""
+    width = frames.shape[-2]
+    band = max(1, width // 4)
+    start = int((step % 40) / 40 * (width + band)) - band
+    out = frames.copy()
+    lo, hi = max(0, start), min(width, start + band)
+    if hi > lo:
+        out[..., lo:hi, :] = _scaled(frames[..., lo:hi, :], 0.6)
+    return out
+
+
+PERTURBATIONS = {"flicker": flicker, "exposure_ramp": exposure_ramp, "colour_shift": colour_shift, "shadow": shadow}
+
+
+def perturbation(name: str | None):
+    """The perturbation called `name` (None or "none": frames unchanged)."""
+    if name in (None, "none"):
+        return None
+    if name not in PERTURBATIONS:
+        raise ValueError(f"unknown perturbation {name!r}; choose from none, {', '.join(PERTURBATIONS)}")
+    return PERTURBATIONS[name]
+
+
+def _photometric_names() -> tuple[str, ...]:
     return tuple(PERTURBATIONS)
 
 
-# Photometric variants of the MT10 tasks, "<task>@<perturbation>" (testbed/photometric.py): the same
+# Photometric variants of the MT10 tasks, "<task>@<perturbation>" (the perturbations above): the same
 # scene, expert and success test, every camera frame perturbed at its env step (flicker, exposure...)
 PHOTOMETRIC_TASKS: dict[str, str] = {f"{task}@{name}": TASKS[task] for name in _photometric_names() for task in TASKS}
 # every task kvla can run, with its instruction (a variant says what its base task says)
@@ -82,8 +138,6 @@ def base_task(task: str) -> str:
 
 def task_perturbation(task: str):
     """The photometric perturbation of a "<task>@<name>" variant, or None."""
-    from kvla.testbed.photometric import perturbation
-
     _check_task(task)
     return perturbation(task.split("@")[1]) if "@" in task else None
 
