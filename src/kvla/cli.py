@@ -502,17 +502,16 @@ def eval_command(
     from kvla.testbed import evaluate
     from kvla.testbed.sim import parse_tasks
 
-    from kvla.guard import split_guard
+    from kvla.guard import parse_guarded
 
     specs = [s for s in methods.split(",") if s.strip()]
     try:
-        for spec in specs:
-            parse_method(split_guard(spec)[0])
+        parsed = {spec: parse_guarded(spec) for spec in specs}
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--methods") from None
     history = evaluate.reference_method(checkpoint) == "history_full"
-    wrong = [spec for spec in specs if (getattr(parse_method(split_guard(spec)[0]), "kind", "") == "history") != history]
-    if history and any(split_guard(spec)[1] is not None for spec in specs):
+    wrong = [spec for spec, (method, _) in parsed.items() if (getattr(method, "kind", "") == "history") != history]
+    if history and any(guard is not None for _, guard in parsed.values()):
         raise typer.BadParameter("the fidelity guard runs on single-frame VLAs; a history VLA takes none",
                                  param_hint="--methods")
     if wrong:
@@ -564,17 +563,18 @@ def eval_command(
                           f"{s.decode_ms:.1f}", f"{s.step_ms:.1f}", f"{s.prefill_ms / s.step_ms:.0%}")
     console.print(parts)
     if json_path:
+        from kvla.guard import guard_settings
         from kvla.measure.receipt import checkpoint_digest, make_receipt, write_receipt
 
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(evaluate.summaries_as_json(summaries), indent=2))
         receipt = make_receipt(
             "kvla eval", model={"checkpoint": str(checkpoint), "sha256": checkpoint_digest(checkpoint)},
-            methods=[parse_method(split_guard(s)[0]) for s in specs], device="cpu", dtype=torch.float32, agreement=None,
+            methods=[parse_guarded(s)[0] for s in specs], device="cpu", dtype=torch.float32, agreement=None,
             agreement_note="closed loop: each method acts on its own trajectory, so its actions are not compared "
                            "with full's; kvla eval --fidelity measures agreement on shared frames",
             extra={"tasks": task_list, "episodes_per_task": episodes, "seed_start": seed_start, "max_steps": max_steps,
-                   "guards": {s: dataclasses.asdict(split_guard(s)[1]) for s in specs if split_guard(s)[1]}})
+                   "guards": guard_settings(specs)})
         console.print(f"wrote {json_path} and {write_receipt(json_path, receipt)}")
     if episodes_json:
         episodes_json.parent.mkdir(parents=True, exist_ok=True)
@@ -636,7 +636,7 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
         if len(chosen.setdefault(info.task, [])) < episodes_per_task:
             chosen[info.task].append(info.name)
     demos = load_demos(data, cameras, [name for names in chosen.values() for name in names])  # only these frames
-    from kvla.guard import split_guard
+    from kvla.guard import guard_settings, parse_guarded
     from kvla.testbed.sim import perturbation
 
     records = evaluate.run_fidelity(model, tokenizer, demos, specs, progress=progress, perturbation=perturbation(perturb))
@@ -655,9 +655,9 @@ def _eval_fidelity(checkpoint, specs, task_list, data: Path, episodes_per_task: 
         json_path.write_text(json.dumps([asdict(r) for r in records], indent=2))
         receipt = make_receipt(
             "kvla eval --fidelity", model={"checkpoint": str(checkpoint), "sha256": checkpoint_digest(checkpoint)},
-            methods=[parse_method(split_guard(s)[0]) for s in specs], device="cpu", dtype=torch.float32,
+            methods=[parse_guarded(s)[0] for s in specs], device="cpu", dtype=torch.float32,
             agreement={r.method: {"token_agreement": r.token_agreement, "l1_vs_full": r.l1_vs_full} for r in records},
-            extra={"guards": {s: dataclasses.asdict(split_guard(s)[1]) for s in specs if split_guard(s)[1]},
+            extra={"guards": guard_settings(specs),
                    "demonstrations": [name for names in chosen.values() for name in names],
                    "data": str(data), "perturbation": perturb})
         console.print(f"wrote {json_path} and {write_receipt(json_path, receipt)}")

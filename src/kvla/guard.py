@@ -107,6 +107,21 @@ def split_guard(spec: str) -> tuple[str, FidelityGuard | None]:
     return method, FidelityGuard(**kwargs)
 
 
+def parse_guarded(spec: str):
+    """A "METHOD|guard:..." spec -> (the ReuseMethod, the FidelityGuard or None)."""
+    from kvla.methods import parse_method
+
+    method, guard = split_guard(spec)
+    return parse_method(method), guard
+
+
+def guard_settings(specs: list[str]) -> dict:
+    """{spec: the guard's settings} of the specs that carry one (what a receipt records)."""
+    import dataclasses
+
+    return {spec: dataclasses.asdict(guard) for spec in specs if (guard := split_guard(spec)[1]) is not None}
+
+
 def guard_label(guard: FidelityGuard | None) -> str:
     """The guard part of a method's label ('' for none): its settings that differ from the defaults."""
     import dataclasses

@@ -149,18 +149,15 @@ def make_policies(checkpoint, model, method_specs: list[str]) -> list:
     from kvla.history_policy import HistoryVLAPolicy
     from kvla.model.history import is_history_checkpoint, load_history_config
 
-    from kvla.guard import split_guard
+    from kvla.guard import parse_guarded, split_guard
 
     if is_history_checkpoint(checkpoint):
         history = load_history_config(checkpoint)
         if any(split_guard(spec)[1] is not None for spec in method_specs):
             raise ValueError("the fidelity guard runs on single-frame VLAs; a history VLA takes none")
         return [HistoryVLAPolicy(model, history, parse_method(spec)) for spec in method_specs]
-    policies = []
-    for spec in method_specs:  # "method|guard:every=10:bound=0.02" puts a fidelity guard on the method
-        method, guard = split_guard(spec)
-        policies.append(CachedVLAPolicy(model, parse_method(method), guard=guard))
-    return policies
+    # "method|guard:every=10:bound=0.02" puts a fidelity guard on the method
+    return [CachedVLAPolicy(model, *parse_guarded(spec)) for spec in method_specs]
 
 
 def _run_job(job) -> list[EpisodeOutcome]:
@@ -347,10 +344,10 @@ def run_fidelity(model, tokenizer, demos, method_specs: list[str], progress: boo
     action chunk of K every K-th frame, as in the closed loop - and compare the whole predicted
     action (chunk) with `full`'s and with the demonstrated actions. `perturbation` (testbed/
     sim.py) is applied to each frame at its env step, the same for every method."""
-    from kvla.guard import guard_label, split_guard
+    from kvla.guard import guard_label, parse_guarded
 
     specs = list(dict.fromkeys(["full", *method_specs]))
-    policies = [CachedVLAPolicy(model, parse_method(split_guard(spec)[0]), guard=split_guard(spec)[1]) for spec in specs]
+    policies = [CachedVLAPolicy(model, *parse_guarded(spec)) for spec in specs]
     chunk = model.config.action_chunk
     tokens = {i: [] for i in range(len(specs))}
     actions = {i: [] for i in range(len(specs))}
