@@ -41,16 +41,21 @@ def test_a_guard_that_checks_every_step_with_no_tolerance_gives_full_s_actions(m
 
 def test_a_breach_refreshes_the_cache_and_tightens_then_agreement_relaxes(model):
     frames, text = _episode(model, steps=10)
-    guard = FidelityGuard(every=2, bound=0.0, start_age=4, relax_after=1)
+    guard = FidelityGuard(every=9, bound=0.0, start_age=4, relax_after=1)
     policy = CachedVLAPolicy(model, "static:tau=0.0", guard=guard)  # reuses every token, whatever changed
-    scene = [frames[0], frames[0], 255 - frames[0]]  # the scene changes completely at step 2
+    scene = [frames[0]] * 9 + [255 - frames[0]]  # the scene changes completely at step 9
     outs = [policy.step(frame, text) for frame in scene]
     notes = [o.notes["guard"] for o in outs]
-    assert [n["checked"] for n in notes] == [False, False, True]
-    assert notes[2]["deviation"] > 0 and notes[2]["refreshed"] and notes[2]["max_age"] == 4
-    assert (policy.state.source_step == 2).all()  # every token now comes from the full step of step 2
-    expected = CachedVLAPolicy(model, "full").step(scene[2], text)
-    assert torch.equal(outs[2].action_tokens, expected.action_tokens) and outs[2].reuse_ratio == 0.0
+    assert [n["checked"] for n in notes] == [False] * 9 + [True]
+    # the step reused K/V of age 9: the cap is start_age, 4 (below half of 9)
+    assert notes[9]["deviation"] > 0 and notes[9]["refreshed"] and notes[9]["max_age"] == 4
+    assert (policy.state.source_step == 9).all()  # every token now comes from the full step of step 9
+    expected = CachedVLAPolicy(model, "full").step(scene[9], text)
+    assert torch.equal(outs[9].action_tokens, expected.action_tokens) and outs[9].reuse_ratio == 0.0
+    # a breach after reusing K/V of age 2 caps the age at 1 (half of 2), below start_age
+    young = CachedVLAPolicy(model, "static:tau=0.0", guard=FidelityGuard(every=2, bound=0.0, start_age=4))
+    last = [young.step(frame, text) for frame in (frames[0], frames[0], 255 - frames[0])][-1]
+    assert last.notes["guard"]["refreshed"] and last.notes["guard"]["max_age"] == 1
     # with an unbounded tolerance, agreement relaxes the age again and lifts the cap past start_age
     policy.guard = FidelityGuard(every=1, bound=10.0, start_age=4, relax_after=1)
     memory = policy.guard.memory(policy.state)

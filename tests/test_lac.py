@@ -326,3 +326,52 @@ def test_stage_one_target_is_the_instruction_attention_of_the_eager_model():
     attention = torch.stack([m[:, :, text_rows][..., layout.visual_positions] for m in maps]).mean(dim=(0, 2, 3))
     low, high = attention.min(1, keepdim=True).values, attention.max(1, keepdim=True).values
     assert torch.allclose(target, (attention - low) / (high - low), atol=1e-4)
+
+
+def test_lac_photometric_veto_recomputes_exactly_the_tokens_whose_light_changed(tiny_modules):
+    """change=photometric: the selector's choice, less every token whose patch's channel mean or
+    contrast moved more than `levels` grey levels; learned (the default) leaves them reusable."""
+    model, directory = tiny_modules
+    generator = torch.Generator().manual_seed(3)
+    frame = torch.randint(40, 200, (1, 2, 32, 32, 3), dtype=torch.uint8, generator=generator)
+    dimmed = frame.clone()
+    dimmed[:, 0, :16] = (dimmed[:, 0, :16].float() * 0.8).round().to(torch.uint8)  # a shadow on camera 0's top half
+    text = torch.randint(3, 200, (1, model.config.num_text_tokens))
+
+    def second_step(spec):
+        policy = CachedVLAPolicy(model, spec)
+        policy.step(frame, text)
+        return policy.step(dimmed, text).visual_depth == 0
+
+    base = f"lac:modules={directory}:fixed_ratio=0.9:recovery=0"
+    learned, vetoed = second_step(base), second_step(base + ":change=photometric")
+    shaded = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    shaded[:, 0, :2] = True  # patches of 8 px: the top 2 rows of camera 0's 4x4 grid
+    shaded = shaded.flatten(1)
+    assert learned[shaded].any()  # the trained-on-plain-frames selector does reuse shaded tokens here
+    assert not vetoed[shaded].any()
+    assert torch.equal(vetoed, learned & ~shaded)  # the veto takes nothing else away
+    assert method_label(parse_method(base + ":change=photometric")).endswith("change=photometric")
+    with pytest.raises(ValueError, match="lac change must be one of learned, photometric"):
+        parse_method("lac:change=cosine")
+
+
+def test_a_guard_breach_on_lac_stops_its_reuse_until_agreement_returns(tiny_modules):
+    """lac reuses only the previous call's K/V (age 1): the guard's cap at a breach is at most half
+    the oldest reused age, 1, so the next steps reuse nothing; agreement relaxes it to 2 again."""
+    from kvla.guard import FidelityGuard
+
+    model, directory = tiny_modules
+    frames = [torch.randint(0, 255, (1, 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(s))
+              for s in range(6)]
+    text = torch.randint(3, 200, (1, model.config.num_text_tokens))
+    guard = FidelityGuard(every=2, bound=0.0, start_age=8, relax_after=1)
+    policy = CachedVLAPolicy(model, f"lac:modules={directory}:fixed_ratio=0.5:recovery=0", guard=guard)
+    outs = [policy.step(f, text) for f in frames[:3]]
+    assert outs[1].reuse_ratio > 0 and outs[2].notes["guard"]["checked"]
+    assert outs[2].notes["guard"]["refreshed"] and outs[2].notes["guard"]["max_age"] == 1
+    assert policy.step(frames[3], text).reuse_ratio == 0.0  # capped: nothing reused
+    policy.guard = FidelityGuard(every=1, bound=10.0, start_age=8, relax_after=1)
+    relaxed = policy.step(frames[4], text)  # a check within the bound: the cap doubles to 2
+    assert relaxed.notes["guard"]["max_age"] == 2
+    assert policy.step(frames[5], text).reuse_ratio > 0

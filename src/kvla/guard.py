@@ -5,7 +5,10 @@ visual tokens changed since the last step), the guard runs the step fully as wel
 cached, and compares the accelerated actions with the full ones. When the mean absolute action
 deviation passes `bound`, the full step's K/V become the episode's cache (a refresh), its actions
 are the ones returned, and reuse is tightened: no visual token older than the guard's maximum
-age is reused, and that age halves at each breach (down to 1 step, which reuses nothing). After
+age is reused. At a breach that age becomes `start_age` (first breach) or half the current one, and
+never more than half the oldest age the breached step reused, so that it bites on a method that
+limits age itself (`lac` reuses only the previous call's K/V: its first breach stops reuse); 1 step
+reuses nothing. After
 `relax_after` checks in a row within the bound, the age doubles again, and past `start_age` the
 cap is lifted.
 
@@ -55,8 +58,9 @@ class FidelityGuard:
         too_old = (state.token_age() >= max_age).to(depth.device)
         return depth.masked_fill(too_old, num_layers)
 
-    def record(self, state, deviation: float, agreement: float) -> bool:
-        """Book a check; returns whether it breached the bound (and tighten or relax the age)."""
+    def record(self, state, deviation: float, agreement: float, oldest_reused: int | None = None) -> bool:
+        """Book a check; returns whether it breached the bound (and tighten or relax the age).
+        oldest_reused: the largest age of a token the checked step reused (None: it reused none)."""
         memory = self.memory(state)
         memory["checks"] += 1
         memory["deviations"].append(deviation)
@@ -64,7 +68,10 @@ class FidelityGuard:
         if deviation > self.bound:
             memory["breaches"] += 1
             memory["within"] = 0
-            memory["max_age"] = self.start_age if memory["max_age"] is None else max(1, memory["max_age"] // 2)
+            limit = self.start_age if memory["max_age"] is None else memory["max_age"] // 2
+            if oldest_reused is not None:
+                limit = min(limit, oldest_reused // 2)
+            memory["max_age"] = max(1, limit)
             return True
         memory["within"] += 1
         if memory["max_age"] is not None and memory["within"] >= self.relax_after:

@@ -85,13 +85,16 @@ class CachedVLAPolicy:
         ctx = PlanContext(patches=patches, state=self.state, layout=layout, num_layers=engine.num_layers,
                           visual_embeddings=embeds[:, layout.visual_positions.to(embeds.device)])
         plan = self.method.plan(ctx)
-        check = False
+        check, oldest_reused = False, None
         if self.guard is not None:
             plan.visual_depth = self.guard.cap(self.state, plan.visual_depth, engine.num_layers)
             changed = None
             if self.state.has_cache and self.guard.on_change:
                 changed = 1.0 - (ctx.patch_similarity("photometric") >= 0.996).float().mean().item()
             check = self.guard.should_check(self.state, changed)
+            reused = plan.visual_depth < engine.num_layers
+            if check and reused.any():  # read before the prefill moves the ages on
+                oldest_reused = int(self.state.token_age().to(reused.device)[reused].max())
         after_select = self._sync()
         result = engine.prefill(embeds, layout, plan, self.state, visual_patches=patches)
         after_prefill = self._sync()
@@ -100,7 +103,7 @@ class CachedVLAPolicy:
         actions, notes = model.tokens_to_actions(tokens), dict(plan.notes)
         if self.guard is not None:
             result, tokens, actions, notes["guard"] = self._guard_step(
-                check, embeds, patches, plan, result, tokens, actions, (end - start) * 1e3)
+                check, oldest_reused, embeds, patches, plan, result, tokens, actions, (end - start) * 1e3)
         return StepOutput(
             action_tokens=tokens, actions=actions, logits=result.logits,
             vision_ms=(after_vision - start) * 1e3, select_ms=(after_select - after_vision) * 1e3,
@@ -110,7 +113,7 @@ class CachedVLAPolicy:
             visible_keys=result.visible_keys.tolist(),
         )
 
-    def _guard_step(self, check, embeds, patches, plan, result, tokens, actions, step_ms):
+    def _guard_step(self, check, oldest_reused, embeds, patches, plan, result, tokens, actions, step_ms):
         """The guard's part of a step: on a check, the full step from nothing cached; on a breach its
         cache becomes the episode's and its actions are returned."""
         from kvla.engine.plan import ReusePlan
@@ -129,7 +132,7 @@ class CachedVLAPolicy:
             full_actions = self.model.tokens_to_actions(full_tokens)
             note["deviation"] = (actions - full_actions).abs().mean().item()
             note["token_agreement"] = (tokens == full_tokens).float().mean().item()
-            if guard.record(state, note["deviation"], note["token_agreement"]):
+            if guard.record(state, note["deviation"], note["token_agreement"], oldest_reused):
                 scratch.method_memory = state.method_memory
                 vars(state).update(vars(scratch))  # the full step's K/V and bookkeeping are the episode's now
                 result, tokens, actions, note["refreshed"] = full, full_tokens, full_actions, True

@@ -41,6 +41,16 @@ class PlanContext:
             raise RuntimeError("no source frame recorded; the first step of an episode must be full")
         return patch_similarity(self.patches, source, rule, levels)
 
+    def photometric_unchanged(self, levels: float = 2.0) -> torch.Tensor:
+        """[B, V] bool: each patch's channel means and contrasts within `levels` grey levels of the
+        frame its cached K/V came from (methods/change.py)."""
+        from kvla.methods.change import photometric_unchanged
+
+        source = self.state.source_patches
+        if source is None:
+            raise RuntimeError("no source frame recorded; the first step of an episode must be full")
+        return photometric_unchanged(self.patches, source, levels)
+
     def embedding_similarity(self) -> torch.Tensor:
         """Cosine similarity [B, V] of each visual token's decoder input with the one its cached K/V came from."""
         source = self.state.source_embeddings

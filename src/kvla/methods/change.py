@@ -29,10 +29,15 @@ def patch_similarity(patches: torch.Tensor, source: torch.Tensor, rule: str = "c
     cosine = torch.nn.functional.cosine_similarity(patches, source, dim=-1, eps=1e-8)
     if rule == "cosine":
         return cosine
+    return torch.where(photometric_unchanged(patches, source, levels), cosine, torch.zeros_like(cosine))
+
+
+def photometric_unchanged(patches: torch.Tensor, source: torch.Tensor, levels: float = 2.0) -> torch.Tensor:
+    """[B, V] bool: each channel's patch mean and standard deviation within `levels` grey levels of the source's."""
     if patches.shape[-1] % 3:
         raise ValueError(f"patches of {patches.shape[-1]} values are not RGB pixels")
+    source = source.to(patches.device)
     now, then = patches.unflatten(-1, (-1, 3)), source.unflatten(-1, (-1, 3))  # [B, V, pixels, 3]
     shift = (now.mean(-2) - then.mean(-2)).abs().amax(-1)
     contrast = (now.std(-2, correction=0) - then.std(-2, correction=0)).abs().amax(-1)
-    unchanged = (shift <= levels) & (contrast <= levels)
-    return torch.where(unchanged, cosine, torch.zeros_like(cosine))
+    return (shift <= levels) & (contrast <= levels)

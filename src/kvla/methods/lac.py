@@ -14,6 +14,11 @@ Two small learned modules decide reuse instead of hand-set thresholds:
   k = round(N * r) lowest-saliency visual tokens (N: all visual tokens) whose cached K/V is
   complete and younger than `max_age` steps are reused in every decoder layer at their original
   positions.
+- Change veto (`change="photometric"`, kvla's addition): the selector sees RGB and motion and was
+  trained on plain frames, so it may rank a patch whose light changed (flicker, exposure, shadow)
+  as reusable; with the veto a token is a candidate only if its patch's channel means and
+  contrasts stayed within `levels` grey levels of the frame its K/V came from. `learned` (the
+  paper's) leaves the choice to the selector alone.
 - Stochastic recovery: each token chosen for reuse is recomputed instead with probability p
   (`recovery`), from a generator seeded per episode (`seed`), so runs are reproducible.
 
@@ -54,6 +59,7 @@ from kvla.methods.base import PlanContext, ReuseMethod, register
 
 DEFAULT_RATIOS = tuple(round(0.1 * j, 1) for j in range(10))
 MOTIONS = ("flow", "difference")
+LAC_CHANGE_RULES = ("learned", "photometric")
 MODULES_CONFIG = "lac_config.json"
 MODULES_WEIGHTS = "lac_modules.safetensors"
 
@@ -228,6 +234,8 @@ class LearnedCaching(ReuseMethod):
     seed: int = 0  # of the recovery draws; the generator restarts with every episode
     max_age: int = 2  # reuse only K/V computed fewer than this many calls ago (2: from the previous call)
     fixed_ratio: float | None = None  # ablation: reuse this fraction instead of the predictor's choice
+    change: str = "learned"  # learned (the selector alone, the paper's) or photometric (also veto light changes)
+    levels: float = 2.0  # photometric: largest change of a channel's patch mean or std, in grey levels
 
     def __post_init__(self):
         if not 0.0 <= self.recovery <= 1.0:
@@ -236,6 +244,10 @@ class LearnedCaching(ReuseMethod):
             raise ValueError(f"lac fixed_ratio must lie in [0, 1], got {self.fixed_ratio}")
         if self.max_age < 0:
             raise ValueError(f"lac max_age must be >= 0 (0: no limit), got {self.max_age}")
+        if self.change not in LAC_CHANGE_RULES:
+            raise ValueError(f"lac change must be one of {', '.join(LAC_CHANGE_RULES)}, got {self.change!r}")
+        if self.levels < 0:
+            raise ValueError(f"lac levels must be >= 0 grey levels, got {self.levels}")
 
     def _modules_for(self, ctx: PlanContext) -> LACModules:
         modules = load_modules(self.modules)
@@ -268,6 +280,8 @@ class LearnedCaching(ReuseMethod):
             return ctx.full_plan()
         scores, ratio = self.decide(ctx, images, previous, modules)
         candidates = ctx.reusable_candidates(self.max_age).cpu()
+        if self.change == "photometric":
+            candidates &= ctx.photometric_unchanged(self.levels).cpu()
         # rank of each token among the candidates by saliency, lowest first; k_b = round(N * r_b)
         rank = scores.masked_fill(~candidates, float("inf")).argsort(dim=1, stable=True).argsort(1)
         wanted = (ratio * ctx.layout.num_visual).round().long()
