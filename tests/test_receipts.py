@@ -72,3 +72,27 @@ def test_eval_fidelity_writes_a_receipt_with_the_checkpoint_hash(tmp_path):
     records = {r["method"]: r for r in json.loads(out.read_text())}
     for label, agreement in receipt["agreement_with_full"].items():
         assert agreement["token_agreement"] == records[label]["token_agreement"]
+
+
+def test_bench_history_writes_a_receipt_with_agreement_against_history_full(tmp_path):
+    import pytest
+
+    pytest.importorskip("metaworld")
+    from conftest import make_history_checkpoint
+
+    checkpoint, out = tmp_path / "history-vla", tmp_path / "history.json"
+    make_history_checkpoint(checkpoint)
+    result = CliRunner().invoke(app, ["bench", "history", "--checkpoint", str(checkpoint), "--methods",
+                                      "history_window:frames=1,no_history", "--env-steps", "24", "--at-step", "20",
+                                      "--repeats", "1", "--no-progress", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    receipt = json.loads((tmp_path / "history.receipt.json").read_text())
+    _check_environment(receipt)
+    digest = receipt["model"]["sha256"]
+    assert len(digest) == 64 and digest == __import__("kvla.measure.receipt", fromlist=["x"]).checkpoint_digest(checkpoint)
+    assert [m["label"] for m in receipt["methods"]] == ["history_full", "history_window:frames=1", "no_history"]
+    curves = {c["method"]: c for c in json.loads(out.read_text())["curves"]}
+    assert receipt["agreement_with_full"]["history_full"] == {"token_agreement": 1.0, "l1_vs_full": 0.0}
+    for label, agreement in receipt["agreement_with_full"].items():
+        assert agreement["token_agreement"] == curves[label]["token_agreement_with_full"]
+        assert 0.0 <= agreement["token_agreement"] <= 1.0 and agreement["l1_vs_full"] >= 0.0

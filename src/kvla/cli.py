@@ -166,7 +166,16 @@ def bench_history(
         json_path.write_text(json.dumps({"checkpoint": str(checkpoint), "task": task, "seed": seed,
                                          "at_step": at_step, "machine": _machine(), "repeats": repeats,
                                          "curves": curves_as_json(curves)}, indent=2))
-        console.print(f"wrote {json_path}")
+        from kvla.measure.receipt import checkpoint_digest, make_receipt, write_receipt
+
+        receipt = make_receipt(
+            "kvla bench history", model={"checkpoint": str(checkpoint), "sha256": checkpoint_digest(checkpoint)},
+            methods=[p.method for p in policies], device=policies[0].engine.device, dtype=policies[0].engine.dtype,
+            agreement={c.method: {"token_agreement": c.token_agreement_with_full, "l1_vs_full": c.l1_vs_full}
+                       for c in curves},
+            agreement_note="against history_full over the same frames (the first repeat)",
+            extra={"task": task, "seed": seed, "env_steps": env_steps, "repeats": repeats})
+        console.print(f"wrote {json_path} and {write_receipt(json_path, receipt)}")
     if plot:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_history_costs(curves, plot, marker_step=at_step)

@@ -30,6 +30,8 @@ class HistoryCostCurve:
     attended: list[int] = field(default_factory=list)  # history entries the step attended over
     attention_flops: list[float] = field(default_factory=list)
     step_flops: list[float] = field(default_factory=list)
+    token_agreement_with_full: float | None = None  # over the episode's calls, against history_full's action tokens
+    l1_vs_full: float | None = None  # mean |action - history_full's action| over the episode
 
     def at(self, env_step: int) -> dict:
         """The figures of the call at `env_step` (the last call at or before it)."""
@@ -62,6 +64,8 @@ def run_history_costs(policies: list, labels: list[str], images: torch.Tensor, p
     calls = len(images)
     timings = np.zeros((repeats, len(policies), calls))
     curves = [HistoryCostCurve(label) for label in labels]
+    tokens = [[] for _ in policies]  # of the first repeat: each method's action tokens and actions per call
+    actions = [[] for _ in policies]
     bar = tqdm(total=repeats * calls, desc="history costs", disable=not progress)
     for repeat in range(repeats):
         for policy in policies:
@@ -73,6 +77,8 @@ def run_history_costs(policies: list, labels: list[str], images: torch.Tensor, p
                 out = policy.step(images[call:call + 1], text_ids, proprio[call:call + 1])
                 timings[repeat, index, call] = out.step_ms
                 if repeat == 0:
+                    tokens[index].append(out.action_tokens)
+                    actions[index].append(out.actions)
                     cfg, rows = policy.model.config, policy.layout.block_len
                     curve = curves[index]
                     curve.env_steps.append(call * stride)
@@ -83,6 +89,8 @@ def run_history_costs(policies: list, labels: list[str], images: torch.Tensor, p
             bar.update()
     bar.close()
     for index, curve in enumerate(curves):
+        curve.token_agreement_with_full = (torch.cat(tokens[index]) == torch.cat(tokens[0])).float().mean().item()
+        curve.l1_vs_full = (torch.cat(actions[index]) - torch.cat(actions[0])).abs().mean().item()
         curve.step_ms = [statistics.median(timings[:, index, c]) for c in range(calls)]
         curve.speedup = [statistics.median(timings[:, 0, c] / timings[:, index, c]) for c in range(calls)]
     return curves

@@ -37,7 +37,7 @@ def photometric_unchanged(patches: torch.Tensor, source: torch.Tensor, levels: f
     if patches.shape[-1] % 3:
         raise ValueError(f"patches of {patches.shape[-1]} values are not RGB pixels")
     source = source.to(patches.device)
-    now, then = patches.unflatten(-1, (-1, 3)), source.unflatten(-1, (-1, 3))  # [B, V, pixels, 3]
-    shift = (now.mean(-2) - then.mean(-2)).abs().amax(-1)
-    contrast = (now.std(-2, correction=0) - then.std(-2, correction=0)).abs().amax(-1)
-    return (shift <= levels) & (contrast <= levels)
+    both = torch.stack([patches, source]).unflatten(-1, (-1, 3))  # [2, B, V, pixels, 3]
+    std, mean = torch.std_mean(both, dim=-2, correction=0)  # one pass for both frames' statistics
+    moved = torch.maximum((mean[0] - mean[1]).abs(), (std[0] - std[1]).abs())
+    return moved.amax(-1) <= levels
