@@ -17,8 +17,8 @@ Two small learned modules decide reuse instead of hand-set thresholds:
 - Change veto (`change="photometric"`, kvla's addition): the selector sees RGB and motion and was
   trained on plain frames, so it may rank a patch whose light changed (flicker, exposure, shadow)
   as reusable; with the veto a token is a candidate only if its patch's channel means and
-  contrasts stayed within `levels` grey levels of the frame its K/V came from. `learned` (the
-  paper's) leaves the choice to the selector alone.
+  contrasts stayed within `levels` grey levels of the frame its K/V came from. This is the
+  default; `change=learned` (the paper's) leaves the choice to the selector alone.
 - Stochastic recovery: each token chosen for reuse is recomputed instead with probability p
   (`recovery`), from a generator seeded per episode (`seed`), so runs are reproducible.
 
@@ -234,7 +234,7 @@ class LearnedCaching(ReuseMethod):
     seed: int = 0  # of the recovery draws; the generator restarts with every episode
     max_age: int = 2  # reuse only K/V computed fewer than this many calls ago (2: from the previous call)
     fixed_ratio: float | None = None  # ablation: reuse this fraction instead of the predictor's choice
-    change: str = "learned"  # learned (the selector alone, the paper's) or photometric (also veto light changes)
+    change: str = "photometric"  # photometric (also veto light changes), or learned (the selector alone, the paper's)
     levels: float = 2.0  # photometric: largest change of a channel's patch mean or std, in grey levels
 
     def __post_init__(self):

@@ -2,7 +2,9 @@
 
 The ablation VLA-Cache (arXiv 2502.02175) starts from: a patch is static when the cosine
 similarity of its pixels with the frame its cached K/V came from is >= tau (Sec. 3.2, Eq. 2);
-no top-k, no task-relevance filter, no layer schedule.
+no top-k, no task-relevance filter, no layer schedule. By default kvla also asks each patch's
+brightness, contrast and colour to be unchanged (`change=photometric`, methods/change.py), which
+the cosine test alone does not see; `change=cosine` is the paper's rule.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ class StaticReuse(ReuseMethod):
     name = "static"
     tau: float = 0.996  # static-patch cosine threshold
     max_age: int = 0  # recompute a token whose K/V is this many steps old (0: never forced)
-    change: str = "cosine"  # change rule (methods/change.py): cosine (paper) or photometric
+    change: str = "photometric"  # change rule (methods/change.py): photometric, or cosine (the paper's)
     levels: float = 2.0  # photometric: largest change of a channel's patch mean or std, in grey levels
 
     def __post_init__(self):

@@ -19,7 +19,10 @@
    a reused token is never recomputed deeper. "paper" takes E once, from the first (full) frame
    of the episode; "code" takes it at every step from the previous step's prefill, as the
    official code does.
-Defaults follow the paper (tau 0.996, top-k 100, tau_task 0.5, relevance from the middle layer).
+Defaults follow the paper (tau 0.996, top-k 100, tau_task 0.5, relevance from the middle layer),
+except the change rule: `change=photometric` by default, which adds to the paper's cosine test a
+check of each patch's brightness, contrast and colour (methods/change.py); `change=cosine`
+reproduces the paper (BENCHMARKS.md, "Photometric change detection", says why).
 
 kvla's own options, off by default: `max_age` forces a recompute of K/V computed that many steps
 ago; `similarity=embeddings` compares each visual token's decoder input (the vision encoder and
@@ -54,7 +57,8 @@ from kvla.engine.plan import ReusePlan
 
 _OFFICIAL_CODE_LAYERS_OF_32 = (2, 6, 9, 11)
 # the official code's OpenVLA run (siyuhsu/vla-cache), in parse_method syntax
-OFFICIAL_CODE_SPEC = "vla_cache:top_k=130:relevance_rule=top_k:task_top_k=100:relevance_depth=0.46875:schedule=code"
+OFFICIAL_CODE_SPEC = ("vla_cache:top_k=130:relevance_rule=top_k:task_top_k=100:relevance_depth=0.46875:schedule=code"
+                      ":change=cosine")
 
 
 def paper_reuse_ratios(entropy: torch.Tensor, k: float) -> torch.Tensor:
@@ -100,7 +104,7 @@ class VLACache(ReuseMethod):
     code_layers: tuple[int, ...] = ()  # () = official (2, 6, 9, 11) of 32 scaled to the model's depth
     max_age: int = 0  # force recompute of K/V at least this many steps old (0: never)
     similarity: str = "pixels"  # "pixels" (paper: image patches) or "embeddings" (kvla: decoder inputs)
-    change: str = "cosine"  # change rule of pixel patches (methods/change.py): cosine (paper) or photometric
+    change: str = "photometric"  # change rule of pixel patches (methods/change.py): photometric, or cosine (paper)
     levels: float = 2.0  # photometric: largest change of a channel's patch mean or std, in grey levels
 
     def __post_init__(self):
