@@ -101,3 +101,42 @@ def test_paired_difference_rejects_unpaired_and_empty_is_nan():
         paired_difference([True, False], [True])
     mean, (low, high) = paired_difference([], [])
     assert math.isnan(mean) and math.isnan(low) and math.isnan(high)
+
+
+def test_success_by_variant_pairs_by_task_and_seed_and_splits_variants():
+    """scripts/success_by_variant.py: the paired difference per variant and overall, the speed-up,
+    the guard's check-weighted deviation, and refusals of unpaired or duplicated episodes."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "success_by_variant.py"
+    spec = importlib.util.spec_from_file_location("success_by_variant", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def episode(method, task, seed, success, ms=50.0, guard=None):
+        return {"method": method, "task": task, "seed": seed, "success": success, "step_ms_median": ms,
+                "reuse_ratio": 0.0 if method == "full" else 0.2, **({"guard": guard} if guard else {})}
+
+    guard = lambda checks, deviation: {"checks": checks, "breaches": 1, "mean_deviation": deviation,  # noqa: E731
+                                       "guard_share_of_step": 0.05}
+    episodes = []
+    for seed, (full_ok, method_ok) in enumerate([(True, True), (True, False), (False, False), (True, True)]):
+        for task in ("reach-v3@flicker", "reach-v3"):
+            episodes.append(episode("full", task, seed, full_ok))
+            episodes.append(episode("m|guard", task, seed, method_ok, ms=40.0,
+                                    guard=guard(1 if seed else 3, 0.1 if seed else 0.5)))
+    text = script.tables(episodes)
+    row = next(line for line in text.split("\n\nflicker")[0].splitlines() if line.startswith("| m\\|guard"))
+    # all 8 episodes: seed 1 lost against full in both variants -> -25 points; 50 ms / 40 ms;
+    # checks 3 + 1 + 1 + 1 per variant, deviation weighted by them (3 * 0.5 + 3 * 0.1) / 6
+    expected_diff, (low, high) = paired_difference([True, False, False, True] * 2, [True, True, False, True] * 2)
+    assert f"{100 * expected_diff:+.1f} ({100 * low:+.1f}..{100 * high:+.1f})" in row and expected_diff == -0.25
+    assert "| 1.25x |" in row and "| 12 / 8 |" in row and "| 0.300 |" in row
+    assert "flicker (4 episodes per method)" in text and "plain (4 episodes per method)" in text
+    with pytest.raises(ValueError, match="ran .* twice"):
+        script.tables(episodes + episodes[:1])
+    with pytest.raises(ValueError, match="lacks 1 of full's episodes"):
+        script.tables([e for e in episodes if not (e["method"] != "full" and e["seed"] == 0 and "@" in e["task"])])
