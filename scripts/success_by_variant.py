@@ -73,11 +73,16 @@ def tables(episodes: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("episodes_json", nargs="+", help="one or more --episodes-json files (their episodes pooled)")
+    parser.add_argument("--methods", help="keep only these method labels (comma-separated; full is always kept), "
+                                          "to pool files whose runs share only some methods")
     args = parser.parse_args()
     episodes = []
     for path in args.episodes_json:
         with open(path) as handle:
             episodes += json.load(handle)
+    if args.methods:
+        keep = {"full", *args.methods.split(",")}
+        episodes = [e for e in episodes if e["method"] in keep]
     print(tables(episodes))
 
 

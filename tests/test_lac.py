@@ -180,8 +180,8 @@ def test_lac_reuses_the_lowest_saliency_tokens_at_the_chosen_ratio(tiny_modules)
     frames = [torch.randint(0, 255, (2, 2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(s))
               for s in range(3)]
     text = torch.randint(3, 200, (2, model.config.num_text_tokens))
-    method = parse_method(f"lac:modules={directory}:fixed_ratio=0.25:recovery=0")
-    assert method_label(method) == f"lac:modules={directory}:recovery=0.0:fixed_ratio=0.25"
+    method = parse_method(f"lac:modules={directory}:fixed_ratio=0.25:recovery=0:change=learned")
+    assert method_label(method) == f"lac:modules={directory}:recovery=0.0:fixed_ratio=0.25:change=learned"
     policy = CachedVLAPolicy(model, method)
     first = policy.step(frames[0], text)
     assert first.reuse_ratio == 0.0  # the first call of an episode is full
@@ -210,7 +210,7 @@ def test_lac_predictor_ratio_and_reproducible_recovery(tiny_modules):
         policy.reset()
         return [policy.step(f, text).visual_depth.clone() for f in frames], policy
 
-    base = f"lac:modules={directory}:max_age=0:fixed_ratio=0.9"
+    base = f"lac:modules={directory}:max_age=0:fixed_ratio=0.9:change=learned"
     no_recovery, _ = run(base + ":recovery=0")
     seeded, policy = run(base + ":recovery=0.3:seed=1")
     again, _ = run(base + ":recovery=0.3:seed=1")
@@ -226,7 +226,7 @@ def test_lac_predictor_ratio_and_reproducible_recovery(tiny_modules):
     policy.reset()
     assert all(torch.equal(policy.step(f, text).visual_depth, d) for f, d in zip(frames, seeded))
     # the predictor's argmax ratio when no ratio is fixed
-    plain = parse_method(f"lac:modules={directory}:recovery=0:max_age=0")
+    plain = parse_method(f"lac:modules={directory}:recovery=0:max_age=0:change=learned")
     policy = CachedVLAPolicy(model, plain)
     policy.step(frames[0], text)
     modules = LACModules.load(directory)
@@ -343,15 +343,16 @@ def test_lac_photometric_veto_recomputes_exactly_the_tokens_whose_light_changed(
         policy.step(frame, text)
         return policy.step(dimmed, text).visual_depth == 0
 
-    base = f"lac:modules={directory}:fixed_ratio=0.9:recovery=0"
-    learned, vetoed = second_step(base), second_step(base + ":change=photometric")
+    base = f"lac:modules={directory}:fixed_ratio=0.9:recovery=0:change=learned"
+    learned, vetoed = second_step(base), second_step(base.replace(":change=learned", ":change=photometric"))
     shaded = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
     shaded[:, 0, :2] = True  # patches of 8 px: the top 2 rows of camera 0's 4x4 grid
     shaded = shaded.flatten(1)
     assert learned[shaded].any()  # the trained-on-plain-frames selector does reuse shaded tokens here
     assert not vetoed[shaded].any()
     assert torch.equal(vetoed, learned & ~shaded)  # the veto takes nothing else away
-    assert method_label(parse_method(base + ":change=photometric")).endswith("change=photometric")
+    assert method_label(parse_method(base)).endswith("change=learned")
+    assert "change" not in method_label(parse_method(base.replace(":change=learned", "")))  # photometric: the default
     with pytest.raises(ValueError, match="lac change must be one of learned, photometric"):
         parse_method("lac:change=cosine")
 
@@ -366,7 +367,7 @@ def test_a_guard_breach_on_lac_stops_its_reuse_until_agreement_returns(tiny_modu
               for s in range(6)]
     text = torch.randint(3, 200, (1, model.config.num_text_tokens))
     guard = FidelityGuard(every=2, bound=0.0, start_age=8, relax_after=1)
-    policy = CachedVLAPolicy(model, f"lac:modules={directory}:fixed_ratio=0.5:recovery=0", guard=guard)
+    policy = CachedVLAPolicy(model, f"lac:modules={directory}:fixed_ratio=0.5:recovery=0:change=learned", guard=guard)
     outs = [policy.step(f, text) for f in frames[:3]]
     assert outs[1].reuse_ratio > 0 and outs[2].notes["guard"]["checked"]
     assert outs[2].notes["guard"]["refreshed"] and outs[2].notes["guard"]["max_age"] == 1

@@ -27,7 +27,8 @@ def _state(source_patches, step=1, relevance=None, entropy=None):
 
 
 def _patches(values):
-    """One patch per value: patch i = [1, values[i]], so similarity to [1, 0] is known."""
+    """One patch per value: patch i = [1, values[i]], so similarity to [1, 0] is known. Not RGB pixels:
+    the tests that use them name the paper's cosine rule (the photometric one needs RGB patches)."""
     return torch.tensor([[[1.0, v] for v in values]])
 
 
@@ -35,7 +36,7 @@ def test_static_reuses_exactly_the_patches_above_tau():
     source = _patches([0.0] * 8)
     current = _patches([0.0, 0.0, 1.0, 0.0, 0.05, 0.0, 0.2, 0.0])  # cos of [1,v] vs [1,0] = 1/sqrt(1+v^2)
     ctx = PlanContext(patches=current, state=_state(source), layout=LAYOUT, num_layers=4)
-    plan = StaticReuse(tau=0.996).plan(ctx)
+    plan = StaticReuse(change="cosine", tau=0.996).plan(ctx)
     assert plan.visual_depth.tolist() == [[0, 0, 4, 0, 0, 0, 4, 0]]  # 1/sqrt(1.0025)=0.9988 stays static
 
 
@@ -52,14 +53,14 @@ def test_vla_cache_top_k_relevance_and_empty_set():
     relevance = torch.tensor([[0.9, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0]])  # token 0 is task-relevant
     state = _state(source, relevance=relevance)
     ctx = PlanContext(patches=current, state=state, layout=LAYOUT, num_layers=4)
-    plan = VLACache(top_k=3, schedule="none").plan(ctx)
+    plan = VLACache(change="cosine", top_k=3, schedule="none").plan(ctx)
     # top-3 most static are 0, 1, 2; 0 is removed by the relevance threshold (normalised 1.0 > 0.5)
     assert plan.visual_depth.tolist() == [[4, 0, 0, 4, 4, 4, 4, 4]]
-    plan = VLACache(top_k=3, schedule="none", relevance_rule="top_k", task_top_k=2).plan(ctx)
+    plan = VLACache(change="cosine", top_k=3, schedule="none", relevance_rule="top_k", task_top_k=2).plan(ctx)
     assert plan.visual_depth.tolist() == [[4, 0, 0, 4, 4, 4, 4, 4]]  # removes 0 and 3; 3 was not kept anyway
     # nothing static -> nothing reused, no crash
     moving = _patches([1.0] * 8)
-    empty = VLACache(schedule="paper").plan(PlanContext(
+    empty = VLACache(change="cosine", schedule="paper").plan(PlanContext(
         patches=moving, state=_state(source, relevance=relevance, entropy=torch.tensor([[4.0, 3.0, 2.0, 1.0]])),
         layout=LAYOUT, num_layers=4))
     assert (empty.visual_depth == 4).all()
@@ -87,7 +88,7 @@ def test_layer_schedule_depths_follow_the_ratios():
     current = _patches([0.0, 0.01, 0.02, 0.03, 0.5, 0.5, 0.5, 0.5])  # 4 static, most static first
     entropy = torch.tensor([[4.0, 3.0, 2.0, 1.0]])  # R = .25, .333, .5 -> k=1: alpha = 0, .25, .583, 1
     ctx = PlanContext(patches=current, state=_state(source, entropy=entropy), layout=LAYOUT, num_layers=4)
-    plan = VLACache(top_k=8, schedule="paper", entropy_k=1.0).plan(ctx)
+    plan = VLACache(change="cosine", top_k=8, schedule="paper", entropy_k=1.0).plan(ctx)
     # quota per layer floor(alpha * 4) = 0, 1, 2, 4 -> ranks 0..3 reused from layers 1, 2, 3, 3
     assert plan.visual_depth.tolist() == [[1, 2, 3, 3, 4, 4, 4, 4]]
 
@@ -251,8 +252,8 @@ def test_embedding_similarity_selects_by_decoder_input_not_pixels():
     moved[0, 2] = torch.tensor([1.0, -1.0, 1.0, -1.0])  # cos 0
     moved[0, 5] = torch.tensor([1.0, 1.0, 1.0, 0.8])  # cos 0.994 < 0.996
     ctx = PlanContext(patches=source.clone(), state=state, layout=LAYOUT, num_layers=4, visual_embeddings=moved)
-    by_pixels = VLACache(schedule="none", top_k=8).plan(ctx)
-    by_embeddings = VLACache(schedule="none", top_k=8, similarity="embeddings").plan(ctx)
+    by_pixels = VLACache(change="cosine", schedule="none", top_k=8).plan(ctx)
+    by_embeddings = VLACache(change="cosine", schedule="none", top_k=8, similarity="embeddings").plan(ctx)
     assert (by_pixels.visual_depth == 0).all()
     assert by_embeddings.visual_depth.tolist() == [[0, 0, 4, 0, 0, 4, 0, 0]]
     with pytest.raises(ValueError, match="similarity"):
