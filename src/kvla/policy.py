@@ -92,9 +92,10 @@ class CachedVLAPolicy:
             if self.state.has_cache and self.guard.on_change:
                 changed = 1.0 - (ctx.patch_similarity("photometric") >= 0.996).float().mean().item()
             check = self.guard.should_check(self.state, changed)
-            reused = plan.visual_depth < engine.num_layers
-            if check and reused.any():  # read before the prefill moves the ages on
-                oldest_reused = int(self.state.token_age().to(reused.device)[reused].max())
+            if check:  # the oldest reused age, read before the prefill moves the ages on
+                reused = plan.visual_depth < engine.num_layers
+                if reused.any():
+                    oldest_reused = int(self.state.token_age().to(reused.device)[reused].max())
         after_select = self._sync()
         result = engine.prefill(embeds, layout, plan, self.state, visual_patches=patches)
         after_prefill = self._sync()

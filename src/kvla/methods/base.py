@@ -36,20 +36,21 @@ class PlanContext:
         of methods/change.py (cosine: the paper's; photometric: also sees brightness, contrast, colour)."""
         from kvla.methods.change import patch_similarity
 
-        source = self.state.source_patches
-        if source is None:
-            raise RuntimeError("no source frame recorded; the first step of an episode must be full")
-        return patch_similarity(self.patches, source, rule, levels)
+        return patch_similarity(self.patches, self._source_patches(), rule, levels)
 
     def photometric_unchanged(self, levels: float = 2.0) -> torch.Tensor:
         """[B, V] bool: each patch's channel means and contrasts within `levels` grey levels of the
         frame its cached K/V came from (methods/change.py)."""
         from kvla.methods.change import photometric_unchanged
 
+        return photometric_unchanged(self.patches, self._source_patches(), levels)
+
+    def _source_patches(self) -> torch.Tensor:
+        """The pixel patches each visual token's cached K/V was computed from."""
         source = self.state.source_patches
         if source is None:
             raise RuntimeError("no source frame recorded; the first step of an episode must be full")
-        return photometric_unchanged(self.patches, source, levels)
+        return source
 
     def embedding_similarity(self) -> torch.Tensor:
         """Cosine similarity [B, V] of each visual token's decoder input with the one its cached K/V came from."""
